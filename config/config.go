@@ -1,0 +1,188 @@
+// Package config loads, expands and validates credproxy's YAML configuration.
+//
+// The key names are the user-facing contract in INTERFACE.md; every field here
+// maps to one documented key. Load applies defaults and reports every problem
+// it finds, each with its key path.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+)
+
+// Config is the whole configuration file.
+type Config struct {
+	ShutdownGrace Duration          `yaml:"shutdown_grace"`
+	Admin         *Admin            `yaml:"admin"`
+	Audit         Audit             `yaml:"audit"`
+	Secrets       map[string]Secret `yaml:"secrets"`
+	Vault         *Vault            `yaml:"vault"`
+	Postgres      []Postgres        `yaml:"postgres"`
+	HTTP          *HTTP             `yaml:"http"`
+}
+
+// Duration is a time.Duration written as a Go duration string ("90s", "1h").
+type Duration time.Duration
+
+// D returns the value as a time.Duration.
+func (d Duration) D() time.Duration { return time.Duration(d) }
+
+// Admin is the metrics and probes listener.
+type Admin struct {
+	Listen string `yaml:"listen"`
+}
+
+// Audit configures the audit log.
+type Audit struct {
+	// Path is a file appended to, or "-" for stdout. Empty disables auditing.
+	Path    string `yaml:"path"`
+	Queries bool   `yaml:"queries"`
+}
+
+// Secret is one named credential source; exactly one of the sources is set.
+type Secret struct {
+	Static map[string]string `yaml:"static"`
+	Env    map[string]string `yaml:"env"`
+	Vault  *VaultSecret      `yaml:"vault"`
+}
+
+// VaultSecret reads a credential from a Vault path.
+type VaultSecret struct {
+	Path     string            `yaml:"path"`
+	FieldMap map[string]string `yaml:"field_map"`
+}
+
+// Vault is how credproxy reaches and authenticates to Vault.
+type Vault struct {
+	Address          string    `yaml:"address"`
+	CAFile           string    `yaml:"ca_file"`
+	Namespace        string    `yaml:"namespace"`
+	RevokeOnShutdown *bool     `yaml:"revoke_on_shutdown"` // default true
+	Auth             VaultAuth `yaml:"auth"`
+}
+
+// VaultAuth selects and configures one Vault auth method.
+type VaultAuth struct {
+	Method       string `yaml:"method"` // token | approle | kubernetes | jwt
+	TokenFile    string `yaml:"token_file"`
+	RoleIDFile   string `yaml:"role_id_file"`
+	SecretIDFile string `yaml:"secret_id_file"`
+	Role         string `yaml:"role"`
+	JWTFile      string `yaml:"jwt_file"`
+	Mount        string `yaml:"mount"`
+}
+
+// Postgres is one upstream database and the listener that fronts it.
+type Postgres struct {
+	Name        string      `yaml:"name"`
+	Listen      string      `yaml:"listen"` // host:port or unix:/path
+	Upstream    string      `yaml:"upstream"`
+	Database    string      `yaml:"database"`
+	Credentials string      `yaml:"credentials"`
+	TLS         PostgresTLS `yaml:"tls"`
+	ClientTLS   *ClientTLS  `yaml:"client_tls"`
+	// StartupTimeout bounds the client side of the handshake (default 10s).
+	StartupTimeout Duration `yaml:"startup_timeout"`
+	// ConnectTimeout bounds credential fetch, upstream dial, TLS and auth (default 10s).
+	ConnectTimeout Duration `yaml:"connect_timeout"`
+}
+
+// PostgresTLS is TLS from credproxy to the upstream database.
+type PostgresTLS struct {
+	Mode       string `yaml:"mode"` // disable | require | verify-ca | verify-full (default)
+	CAFile     string `yaml:"ca_file"`
+	ServerName string `yaml:"server_name"`
+	CertFile   string `yaml:"cert_file"`
+	KeyFile    string `yaml:"key_file"`
+}
+
+// ClientTLS is TLS offered to apps that send SSLRequest.
+type ClientTLS struct {
+	CertFile string `yaml:"cert_file"`
+	KeyFile  string `yaml:"key_file"`
+}
+
+// HTTP is the forward proxy for HTTP_PROXY / HTTPS_PROXY clients.
+type HTTP struct {
+	Listen         string      `yaml:"listen"`
+	CA             HTTPCA      `yaml:"ca"`
+	UpstreamCAFile string      `yaml:"upstream_ca_file"`
+	Default        string      `yaml:"default"` // deny (default) | tunnel
+	Routes         []HTTPRoute `yaml:"routes"`
+}
+
+// HTTPCA signs interception certificates.
+type HTTPCA struct {
+	CertFile string `yaml:"cert_file"`
+	KeyFile  string `yaml:"key_file"`
+}
+
+// HTTPRoute injects a credential into requests for one host pattern.
+type HTTPRoute struct {
+	Host          string `yaml:"host"`
+	Credentials   string `yaml:"credentials"`
+	Upstream      string `yaml:"upstream"` // https (default) | http
+	MaxConcurrent int    `yaml:"max_concurrent"`
+	Inject        Inject `yaml:"inject"`
+}
+
+// Inject says how a route places the credential; exactly one is set.
+type Inject struct {
+	Header   *NameValue `yaml:"header"`
+	Basic    *Basic     `yaml:"basic"`
+	Query    *NameValue `yaml:"query"`
+	AWSSigV4 *AWSSigV4  `yaml:"aws_sigv4"`
+}
+
+// NameValue is a header or query parameter; Value is a Go template over the secret's fields.
+type NameValue struct {
+	Name  string `yaml:"name"`
+	Value string `yaml:"value"`
+}
+
+// Basic is HTTP basic auth; both are Go templates over the secret's fields.
+type Basic struct {
+	Username string `yaml:"username"`
+	Password string `yaml:"password"`
+}
+
+// AWSSigV4 signs requests with fields access_key, secret_key and optional session_token.
+type AWSSigV4 struct {
+	Service string `yaml:"service"`
+	Region  string `yaml:"region"`
+}
+
+// UnmarshalYAML reads a Go duration string such as "90s" or "1h".
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	if n.Kind != yaml.ScalarNode {
+		return errors.New(`must be a duration such as "90s" or "1h"`)
+	}
+	v, err := time.ParseDuration(strings.TrimSpace(n.Value))
+	if err != nil {
+		return fmt.Errorf(`invalid duration %q: use a Go duration such as "90s" or "1h"`, n.Value)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// MarshalYAML writes the duration in the form UnmarshalYAML reads.
+func (d Duration) MarshalYAML() (any, error) { return d.String(), nil }
+
+func (d Duration) String() string { return time.Duration(d).String() }
+
+// TLSServerName is the name verified in the upstream's certificate under
+// verify-full and sent as SNI: tls.server_name, else the upstream host.
+func (p Postgres) TLSServerName() string {
+	if p.TLS.ServerName != "" {
+		return p.TLS.ServerName
+	}
+	if host, _, err := net.SplitHostPort(p.Upstream); err == nil {
+		return host
+	}
+	return p.Upstream
+}

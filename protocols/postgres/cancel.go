@@ -1,0 +1,92 @@
+package postgres
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"sync"
+
+	"github.com/jackc/pgproto3/v2"
+)
+
+// CancelRegistry maps the BackendKeyData credproxy issues to apps onto the
+// upstream backends they stand for. Apps never see an upstream pid or secret;
+// a CancelRequest with a key credproxy did not issue is dropped, as
+// PostgreSQL drops one with an unknown key. One registry serves every
+// Postgres service, since a client may send its cancel to any listener.
+type CancelRegistry struct {
+	mu      sync.Mutex
+	targets map[uint64]cancelTarget
+}
+
+type cancelTarget struct {
+	h   *Handler
+	key pgproto3.BackendKeyData // the upstream's; zero when it sent none
+	has bool
+}
+
+// NewCancelRegistry returns an empty registry.
+func NewCancelRegistry() *CancelRegistry {
+	return &CancelRegistry{targets: make(map[uint64]cancelTarget)}
+}
+
+func cancelKey(pid, secret uint32) uint64 { return uint64(pid)<<32 | uint64(secret) }
+
+// issue registers a target and returns the key to give the app, and a func
+// that unregisters it when the session ends.
+func (r *CancelRegistry) issue(t cancelTarget) (pgproto3.BackendKeyData, func()) {
+	var b [8]byte
+	for {
+		if _, err := rand.Read(b[:]); err != nil {
+			panic("crypto/rand: " + err.Error()) // never fails on Linux
+		}
+		// A positive, non-zero pid, as clients print and compare it as one.
+		pid := binary.BigEndian.Uint32(b[:4])&0x7fffffff | 1
+		secret := binary.BigEndian.Uint32(b[4:])
+		k := cancelKey(pid, secret)
+		r.mu.Lock()
+		if _, taken := r.targets[k]; !taken {
+			r.targets[k] = t
+			r.mu.Unlock()
+			return pgproto3.BackendKeyData{ProcessID: pid, SecretKey: secret}, func() {
+				r.mu.Lock()
+				delete(r.targets, k)
+				r.mu.Unlock()
+			}
+		}
+		r.mu.Unlock()
+	}
+}
+
+func (r *CancelRegistry) lookup(pid, secret uint32) (cancelTarget, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	t, ok := r.targets[cancelKey(pid, secret)]
+	return t, ok
+}
+
+// forward sends the upstream's own key to the upstream, over TLS when the
+// service uses TLS. It reports whether a cancel was sent.
+func (r *CancelRegistry) forward(ctx context.Context, pid, secret uint32) (bool, error) {
+	t, ok := r.lookup(pid, secret)
+	if !ok || !t.has {
+		return false, nil
+	}
+	conn, err := t.h.dialUpstream(ctx)
+	if err != nil {
+		return false, err
+	}
+	defer conn.Close()
+	msg, _ := (&pgproto3.CancelRequest{ProcessID: t.key.ProcessID, SecretKey: t.key.SecretKey}).Encode(nil)
+	if deadline, ok := ctx.Deadline(); ok {
+		_ = conn.SetDeadline(deadline)
+	}
+	if _, err := conn.Write(msg); err != nil {
+		return false, err
+	}
+	// Like libpq, wait for the server to close: the cancel has then been
+	// delivered, not just queued.
+	var b [1]byte
+	_, _ = conn.Read(b[:])
+	return true, nil
+}

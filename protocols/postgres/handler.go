@@ -1,0 +1,312 @@
+// Package postgres speaks the PostgreSQL wire protocol on both sides of
+// credproxy: it accepts an app's connection without a password, logs in to the
+// upstream with an injected credential (SCRAM-SHA-256, MD5, cleartext or
+// trust, over TLS by default), hands the session over with a proxy-issued
+// cancel key, and relays bytes until either side ends.
+package postgres
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"time"
+
+	"github.com/jackc/pgproto3/v2"
+	"go.uber.org/zap"
+
+	"github.com/credproxy/credproxy/config"
+	"github.com/credproxy/credproxy/proxy/audit"
+	"github.com/credproxy/credproxy/proxy/credentials"
+)
+
+// Credentials is what a Handler needs from the credential store.
+type Credentials interface {
+	Acquire(ctx context.Context, name string) (*credentials.Handle, error)
+}
+
+// Options configure a Handler.
+type Options struct {
+	Service      config.Postgres
+	Credentials  Credentials
+	Audit        audit.Sink
+	AuditQueries bool
+	Cancels      *CancelRegistry
+	Logger       *zap.Logger
+}
+
+// Handler serves app connections for one configured Postgres service.
+type Handler struct {
+	cfg          config.Postgres
+	creds        Credentials
+	audit        audit.Sink
+	auditQueries bool
+	cancels      *CancelRegistry
+	log          *zap.Logger
+
+	tls       *tls.Config // to the upstream; nil for mode disable
+	clientTLS *tls.Config // offered to apps; nil when not configured
+	keepAlive time.Duration
+	scram     scramCache
+}
+
+// NewHandler checks and loads the service's TLS material.
+func NewHandler(o Options) (*Handler, error) {
+	h := &Handler{
+		cfg:          o.Service,
+		creds:        o.Credentials,
+		audit:        o.Audit,
+		auditQueries: o.AuditQueries,
+		cancels:      o.Cancels,
+		log:          o.Logger,
+		keepAlive:    30 * time.Second,
+	}
+	if h.audit == nil {
+		h.audit = audit.Discard{}
+	}
+	if h.log == nil {
+		h.log = zap.NewNop()
+	}
+	if h.cancels == nil {
+		h.cancels = NewCancelRegistry()
+	}
+	if h.cfg.StartupTimeout == 0 {
+		h.cfg.StartupTimeout = config.Duration(10 * time.Second)
+	}
+	if h.cfg.ConnectTimeout == 0 {
+		h.cfg.ConnectTimeout = config.Duration(10 * time.Second)
+	}
+	var err error
+	if h.tls, err = upstreamTLSConfig(h.cfg.TLS, h.cfg.TLSServerName()); err != nil {
+		return nil, fmt.Errorf("postgres %s: %w", h.cfg.Name, err)
+	}
+	if ct := h.cfg.ClientTLS; ct != nil && ct.CertFile != "" {
+		cert, err := tls.LoadX509KeyPair(ct.CertFile, ct.KeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("postgres %s: load client_tls certificate: %w", h.cfg.Name, err)
+		}
+		h.clientTLS = &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{cert}}
+	}
+	return h, nil
+}
+
+// Name is the service name.
+func (h *Handler) Name() string { return h.cfg.Name }
+
+// session is one app connection's state.
+type session struct {
+	h      *Handler
+	id     string
+	start  time.Time
+	log    *zap.Logger
+	client *countingConn
+	raw    net.Conn // the app's connection, or its TLS layer
+	rd     *bufio.Reader
+
+	database, dbUser string
+}
+
+// ServeConn serves one app connection until it ends, and closes it. It
+// returns the session's error (nil for a clean end or a cancel request);
+// the error has already been reported to the app, audited and logged.
+// Cancelling ctx closes the session at once.
+func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, id string) error {
+	cc := &countingConn{Conn: conn}
+	s := &session{
+		h: h, id: id, start: time.Now(), client: cc, raw: cc,
+		log: h.log.With(zap.String("session_id", id), zap.String("client", conn.RemoteAddr().String())),
+	}
+	s.rd = bufio.NewReaderSize(cc, 1024)
+	// Closing the socket is what unblocks every read and write below.
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+	defer conn.Close()
+	return s.run(ctx)
+}
+
+func (s *session) run(ctx context.Context) error {
+	h := s.h
+	_ = s.raw.SetDeadline(time.Now().Add(h.cfg.StartupTimeout.D()))
+	params, out, err := s.readStartup(ctx)
+	if err != nil || params == nil {
+		return err
+	}
+
+	handle, err := s.acquire(ctx)
+	if err != nil {
+		return s.deny(err, out)
+	}
+	defer handle.Release()
+	cred := handle.Credential
+	user, _ := cred.Field("username")
+	password, _ := cred.Field("password")
+	s.dbUser = user.Reveal()
+	params["user"] = s.dbUser
+	params["database"] = s.database
+
+	upCtx, cancel := context.WithTimeout(ctx, h.cfg.ConnectTimeout.D())
+	defer cancel()
+	up, err := s.connect(upCtx, password, params)
+	if err != nil {
+		return s.deny(err, out)
+	}
+	defer up.conn.Close()
+	stopUp := context.AfterFunc(ctx, func() { up.conn.Close() })
+	defer stopUp()
+
+	// Hand over: everything the app needs in one write.
+	target := cancelTarget{h: h, has: up.key != nil}
+	if up.key != nil {
+		target.key = *up.key
+	}
+	key, unregister := h.cancels.issue(target)
+	defer unregister()
+	out = s.appendHandover(out, up, &key)
+	_ = s.raw.SetDeadline(time.Now().Add(h.cfg.StartupTimeout.D()))
+	if _, err := s.raw.Write(out); err != nil {
+		return s.end(fmt.Errorf("send handover: %w", err))
+	}
+	_ = s.raw.SetDeadline(time.Time{})
+
+	rec := s.record(audit.EventSessionStart)
+	rec.Upstream = h.cfg.Upstream
+	rec.Database = s.database
+	rec.DBUser = s.dbUser
+	rec.Credential = handle.Name
+	if l := cred.Lease; l.Leased() {
+		rec.Lease = &audit.Lease{IDSHA256: l.IDHash(), TTLSecs: int64(time.Until(l.Expiry()).Seconds())}
+	}
+	h.audit.Record(rec)
+	s.log.Info("session started", zap.String("upstream", h.cfg.Upstream),
+		zap.String("database", s.database), zap.String("db_user", s.dbUser), zap.String("credential", handle.Name))
+
+	err = s.relay(ctx, up)
+	if ctx.Err() != nil && err != nil {
+		err = fmt.Errorf("closed by shutdown: %w", err)
+	}
+	return s.end(err)
+}
+
+// acquire gets the service's credential and checks it has what Postgres needs.
+func (s *session) acquire(ctx context.Context) (*credentials.Handle, error) {
+	h := s.h
+	fctx, cancel := context.WithTimeout(ctx, h.cfg.ConnectTimeout.D())
+	defer cancel()
+	handle, err := h.creds.Acquire(fctx, h.cfg.Credentials)
+	if err != nil {
+		return nil, &upstreamError{code: codeConnectionFailure, reason: "credential unavailable", msg: err.Error()}
+	}
+	for _, f := range []string{"username", "password"} {
+		if _, ok := handle.Credential.Field(f); !ok {
+			handle.Release()
+			return nil, &upstreamError{code: codeConnectionFailure, reason: "credential unavailable",
+				msg: fmt.Sprintf("credential %q unavailable: it has no field %q (fields: %v)", h.cfg.Credentials, f, handle.Credential.FieldNames())}
+		}
+	}
+	return handle, nil
+}
+
+// connect dials, secures and logs in to the upstream within ctx's deadline.
+func (s *session) connect(ctx context.Context, password credentials.Secret, params map[string]string) (*upstream, error) {
+	conn, err := s.h.dialUpstream(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if d, ok := ctx.Deadline(); ok {
+		_ = conn.SetDeadline(d)
+	}
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	up, err := s.h.login(conn, s.dbUser, password, params)
+	if !stop() || err != nil {
+		conn.Close()
+		if err == nil || ctx.Err() != nil {
+			err = &upstreamError{code: codeUnableToConnect, reason: "upstream timeout",
+				msg: fmt.Sprintf("upstream %s did not complete the handshake in time", s.h.cfg.Upstream), err: ctx.Err()}
+		}
+		return nil, err
+	}
+	_ = conn.SetDeadline(time.Time{})
+	return up, nil
+}
+
+// appendHandover encodes AuthenticationOk, the upstream's ParameterStatus and
+// notices, the proxy-issued BackendKeyData and ReadyForQuery.
+func (s *session) appendHandover(dst []byte, up *upstream, key *pgproto3.BackendKeyData) []byte {
+	dst, _ = (&pgproto3.AuthenticationOk{}).Encode(dst)
+	for _, p := range up.params {
+		dst, _ = p.Encode(dst)
+	}
+	for _, n := range up.notices {
+		dst, _ = n.Encode(dst)
+	}
+	dst, _ = key.Encode(dst)
+	dst, _ = (&pgproto3.ReadyForQuery{TxStatus: up.txStatus}).Encode(dst)
+	return dst
+}
+
+// record starts an audit record for this session.
+func (s *session) record(event string) *audit.Record {
+	return &audit.Record{
+		Event: event, SessionID: s.id, Protocol: "postgres", Service: s.h.cfg.Name,
+		Client: audit.Client{Addr: s.client.RemoteAddr().String()},
+	}
+}
+
+// deny reports a failure before the session started: a FATAL ErrorResponse
+// to the app (after anything already pending in out), a denied record and
+// a log line. It returns the error for the caller to return.
+func (s *session) deny(err error, out []byte) error {
+	resp, reason := clientError(err)
+	out, _ = resp.Encode(out)
+	_ = s.raw.SetWriteDeadline(time.Now().Add(time.Second))
+	_, _ = s.raw.Write(out)
+
+	rec := s.record(audit.EventDenied)
+	rec.Reason = reason
+	rec.Error = audit.String(resp.Message)
+	rec.SQLState = resp.Code
+	rec.Upstream = s.h.cfg.Upstream
+	rec.Database = s.database
+	rec.DBUser = s.dbUser
+	s.h.audit.Record(rec)
+	s.log.Warn("session denied", zap.String("reason", reason), zap.String("sqlstate", resp.Code), zap.String("error", resp.Message))
+	return err
+}
+
+// clientError maps a failure to the ErrorResponse the app sees and the audit
+// reason. Messages start with "credproxy: " unless the upstream's own error
+// is being passed on.
+func clientError(err error) (*pgproto3.ErrorResponse, string) {
+	var ue *upstreamError
+	if errors.As(err, &ue) {
+		if ue.resp != nil {
+			return ue.resp, ue.reason
+		}
+		return fatal(ue.code, "credproxy: "+ue.Error()), ue.reason
+	}
+	var se *startupError
+	if errors.As(err, &se) {
+		return fatal(se.code, "credproxy: "+se.msg), "bad startup"
+	}
+	return fatal(codeInternalError, "credproxy: "+err.Error()), "internal error"
+}
+
+// end writes the session_end record and the canonical end-of-session log line.
+func (s *session) end(err error) error {
+	rec := s.record(audit.EventSessionEnd)
+	rec.BytesIn = audit.Int64(s.client.in.Load())
+	rec.BytesOut = audit.Int64(s.client.out.Load())
+	dur := time.Since(s.start)
+	rec.DurationMS = audit.Int64(dur.Milliseconds())
+	msg := ""
+	if err != nil {
+		msg = err.Error()
+	}
+	rec.Error = audit.String(msg)
+	s.h.audit.Record(rec)
+	s.log.Info("session ended", zap.Int64("bytes_in", *rec.BytesIn), zap.Int64("bytes_out", *rec.BytesOut),
+		zap.Duration("duration", dur), zap.String("error", msg))
+	return err
+}

@@ -1,0 +1,140 @@
+package postgres
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+
+	"go.uber.org/zap"
+)
+
+// startupError is a problem with what the app sent before authentication.
+type startupError struct {
+	code string
+	msg  string
+	err  error
+}
+
+func (e *startupError) Error() string {
+	if e.err != nil {
+		return e.msg + ": " + e.err.Error()
+	}
+	return e.msg
+}
+
+func (e *startupError) Unwrap() error { return e.err }
+
+// readStartup reads packets until a StartupMessage, answering SSLRequest and
+// GSSENCRequest on the way and serving a CancelRequest. It returns the
+// parameters to send upstream and any bytes owed to the app before the
+// handover (NegotiateProtocolVersion). params is nil when the connection is
+// done (a cancel request, or an error already handled).
+func (s *session) readStartup(ctx context.Context) (params map[string]string, out []byte, err error) {
+	h := s.h
+	tlsDone, sslAnswered := false, false
+	for {
+		p, err := readStartupPacket(s.rd)
+		if err != nil {
+			if errors.Is(err, io.EOF) && !sslAnswered {
+				// Probes (load balancers, port scans) connect and close.
+				s.log.Debug("connection closed before startup")
+				return nil, nil, nil
+			}
+			return nil, nil, s.startupFailed(err)
+		}
+		switch p.code {
+		case sslRequestCode:
+			if tlsDone || s.rd.Buffered() > 0 {
+				// Bytes after SSLRequest would be read as plaintext from
+				// before the handshake: refuse them (CVE-2021-23214).
+				return nil, nil, s.deny(&startupError{code: codeProtocolViolation, msg: "unexpected data after SSLRequest"}, nil)
+			}
+			sslAnswered = true
+			if h.clientTLS == nil {
+				if _, err := s.raw.Write([]byte{'N'}); err != nil {
+					return nil, nil, s.startupFailed(err)
+				}
+				continue
+			}
+			if _, err := s.raw.Write([]byte{'S'}); err != nil {
+				return nil, nil, s.startupFailed(err)
+			}
+			tc := tls.Server(s.client, h.clientTLS)
+			if err := tc.HandshakeContext(ctx); err != nil {
+				return nil, nil, s.startupFailed(fmt.Errorf("client TLS handshake: %w", err))
+			}
+			s.raw, s.rd, tlsDone = tc, bufio.NewReaderSize(tc, 1024), true
+		case gssEncRequestCode:
+			if _, err := s.raw.Write([]byte{'N'}); err != nil {
+				return nil, nil, s.startupFailed(err)
+			}
+		case cancelRequestCode:
+			return nil, nil, s.serveCancel(ctx, p)
+		default:
+			if p.major() != 3 {
+				return nil, nil, s.deny(&startupError{code: codeFeatureNotSupported,
+					msg: fmt.Sprintf("unsupported frontend protocol %d.%d: credproxy supports 3.0", p.major(), p.minor())}, nil)
+			}
+			params, unrecognized := splitProtocolOptions(p.params)
+			if p.minor() > 0 || len(unrecognized) > 0 {
+				out = appendNegotiateProtocolVersion(out, 0, unrecognized)
+			}
+			s.database = s.chooseDatabase(params)
+			delete(params, "password")
+			return params, out, nil
+		}
+	}
+}
+
+// chooseDatabase applies the service's pinned database; otherwise the app's
+// choice, defaulting (as PostgreSQL does) to the user name the app gave.
+func (s *session) chooseDatabase(params map[string]string) string {
+	if s.h.cfg.Database != "" {
+		return s.h.cfg.Database
+	}
+	if db := params["database"]; db != "" {
+		return db
+	}
+	return params["user"]
+}
+
+// startupFailed handles a broken or stalled startup: the app gets a FATAL
+// when it can still read one, and the refusal is audited and logged.
+func (s *session) startupFailed(err error) error {
+	code, msg := codeProtocolViolation, "invalid startup packet"
+	var ne net.Error
+	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout()):
+		msg = fmt.Sprintf("no startup packet within %s", s.h.cfg.StartupTimeout.D())
+	case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
+		msg = "connection closed during startup"
+	}
+	return s.deny(&startupError{code: code, msg: msg, err: err}, nil)
+}
+
+// serveCancel forwards a CancelRequest that carries a key this proxy issued.
+// Nothing is ever sent back, as PostgreSQL sends nothing.
+func (s *session) serveCancel(ctx context.Context, p *startupPacket) error {
+	cr, err := decodeCancel(p)
+	if err != nil {
+		s.log.Debug("malformed cancel request dropped")
+		return nil
+	}
+	cctx, cancel := context.WithTimeout(ctx, s.h.cfg.ConnectTimeout.D())
+	defer cancel()
+	sent, err := s.h.cancels.forward(cctx, cr.ProcessID, cr.SecretKey)
+	switch {
+	case err != nil:
+		s.log.Warn("cancel request not delivered", zap.Error(err))
+	case sent:
+		s.log.Info("cancel request forwarded")
+	default:
+		s.log.Debug("cancel request with unknown key dropped")
+	}
+	return nil
+}
