@@ -150,14 +150,21 @@ func serve(cfg *config.Config, path string, log *zap.Logger) error {
 		break
 	}
 	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan struct{})
+	waiter := make(chan struct{})
 	go func() {
-		if _, ok := <-sigs; ok {
+		defer close(waiter)
+		select {
+		case <-sigs:
 			log.Warn("second signal: closing open sessions now")
 			cancel()
+		case <-done:
 		}
 	}()
 	err = srv.Shutdown(ctx, cfg.ShutdownGrace.D())
-	cancel()
+	close(done)
+	<-waiter
 	log.Info("credproxy stopped")
 	return err
 }

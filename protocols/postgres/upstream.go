@@ -221,7 +221,7 @@ func (h *Handler) login(conn net.Conn, user string, password credentials.Secret,
 			up.txStatus = m.TxStatus
 			return up, nil
 		case *pgproto3.ErrorResponse:
-			return nil, h.upstreamRejected(m, authenticated)
+			return nil, h.upstreamRejected(m)
 		default:
 			return nil, h.protoError("handshake", fmt.Errorf("unexpected %T", msg))
 		}
@@ -232,17 +232,13 @@ func (h *Handler) login(conn net.Conn, user string, password credentials.Secret,
 }
 
 // upstreamRejected turns an ErrorResponse received during the handshake into
-// the error the client sees: auth failures say the injected credential was
-// refused; anything else (no such database, too many connections) is passed
-// on as the upstream said it.
-func (h *Handler) upstreamRejected(m *pgproto3.ErrorResponse, authenticated bool) error {
+// the error the client sees: auth failures (class 28) say the injected
+// credential was refused; anything else (no such database, too many
+// connections, starting up) is passed on as the upstream said it.
+func (h *Handler) upstreamRejected(m *pgproto3.ErrorResponse) error {
 	resp := *m
-	if !authenticated || strings.HasPrefix(m.Code, "28") {
-		code := m.Code
-		if !strings.HasPrefix(code, "28") {
-			code = codeInvalidAuthorization
-		}
-		return &upstreamError{code: code, reason: "upstream auth failed",
+	if strings.HasPrefix(m.Code, "28") { // invalid authorization / password
+		return &upstreamError{code: m.Code, reason: "upstream auth failed",
 			msg: fmt.Sprintf("upstream rejected the injected credential %q (upstream said: %s)", h.cfg.Credentials, m.Message)}
 	}
 	resp.Severity, resp.SeverityUnlocalized = "FATAL", "FATAL"
@@ -294,7 +290,7 @@ func (h *Handler) scramSHA256(fe *pgproto3.Frontend, mechs []string, user string
 		case *pgproto3.AuthenticationSASLFinal:
 			challenge = m.Data
 		case *pgproto3.ErrorResponse:
-			return h.upstreamRejected(m, false)
+			return h.upstreamRejected(m)
 		default:
 			return h.protoError("SASL", fmt.Errorf("unexpected %T", msg))
 		}
