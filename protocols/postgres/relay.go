@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"sync"
 
 	"github.com/jackc/pgproto3/v2"
 
@@ -37,50 +38,39 @@ func (s *session) relay(ctx context.Context, up *upstream) error {
 		return fmt.Errorf("relay to client: %w", err)
 	}
 
-	type result struct {
-		n   int64
-		err error
-		up  bool
-	}
-	done := make(chan result, 2)
-	go func() {
-		var n int64
-		var err error
-		if s.h.auditQueries {
-			n, err = s.copyAuditingQueries(up.conn, s.rd)
-		} else {
-			n, err = io.Copy(up.conn, client)
-		}
-		done <- result{n: n, err: err, up: true}
-	}()
-	go func() {
-		n, err := io.Copy(client, up.conn)
-		done <- result{n: n, err: err}
-	}()
-
+	// Whichever direction ends first closes both connections, so the other
+	// copy returns too, and its error is the session's.
+	var once sync.Once
 	var firstErr error
-	for i := 0; i < 2; i++ {
-		r := <-done
-		if !tlsClient && !(r.up && s.h.auditQueries) {
-			if r.up {
-				s.client.in.Add(r.n)
-			} else {
-				s.client.out.Add(r.n)
-			}
-		}
-		if i == 0 {
-			// One side ended: close both so the other copy returns too.
-			firstErr = r.err
-			if firstErr != nil {
-				side := "client"
-				if !r.up {
-					side = "upstream"
-				}
-				firstErr = fmt.Errorf("relay from %s: %w", side, firstErr)
+	finish := func(side string, err error) {
+		once.Do(func() {
+			if err != nil {
+				firstErr = fmt.Errorf("relay from %s: %w", side, err)
 			}
 			s.raw.Close()
 			up.conn.Close()
-		}
+		})
+	}
+	// Upstream to app in a second goroutine, app to upstream in this one:
+	// an idle session costs two goroutines, not three.
+	toClient := make(chan int64, 1)
+	go func() {
+		n, err := io.Copy(client, up.conn)
+		finish("upstream", err)
+		toClient <- n
+	}()
+	var in int64
+	var err error
+	if s.h.auditQueries {
+		_, err = s.copyAuditingQueries(up.conn, s.rd) // s.rd counts what it reads
+	} else {
+		in, err = io.Copy(up.conn, client)
+	}
+	finish("client", err)
+	out := <-toClient
+	if !tlsClient { // a TLS client's bytes are counted below the TLS layer
+		s.client.in.Add(in)
+		s.client.out.Add(out)
 	}
 	if ctx.Err() != nil {
 		return ctx.Err()

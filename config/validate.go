@@ -1,0 +1,580 @@
+package config
+
+import (
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"text/template"
+)
+
+var (
+	tlsModes     = []string{"disable", "require", "verify-ca", "verify-full"}
+	authMethods  = []string{"token", "approle", "kubernetes", "jwt"}
+	httpDefaults = []string{"deny", "tunnel"}
+	upstreams    = []string{"https", "http"}
+	postgresName = regexp.MustCompile(`^[A-Za-z0-9_.-]+$`)
+)
+
+// validator collects every problem rather than stopping at the first.
+type validator struct {
+	errs Errors
+	// skip holds key paths that already failed to decode; a follow-on
+	// complaint about them or their children ("required") would be noise.
+	skip   map[string]bool
+	lookup func(string) (string, bool)
+}
+
+func (v *validator) add(path, format string, args ...any) {
+	for p := path; p != ""; p = parentPath(p) {
+		if v.skip[p] {
+			return
+		}
+	}
+	v.errs = append(v.errs, &FieldError{Path: path, Msg: fmt.Sprintf(format, args...)})
+}
+
+// parentPath drops the last element of a key path: a.b[0].c -> a.b[0] -> a.b.
+func parentPath(p string) string {
+	if i := strings.LastIndexAny(p, ".["); i >= 0 {
+		return p[:i]
+	}
+	return ""
+}
+
+func (v *validator) required(path, val string) bool {
+	if val == "" {
+		v.add(path, "required")
+		return false
+	}
+	return true
+}
+
+func (v *validator) oneOf(path, val string, allowed []string) {
+	if !slices.Contains(allowed, val) {
+		v.add(path, "must be one of %s, not %q", strings.Join(allowed, ", "), val)
+	}
+}
+
+// readable checks that a file exists, is not a directory and can be opened.
+func (v *validator) readable(path, file string) {
+	f, err := os.Open(file)
+	if err != nil {
+		v.add(path, "%v", err)
+		return
+	}
+	defer f.Close()
+	if fi, err := f.Stat(); err != nil {
+		v.add(path, "%v", err)
+	} else if fi.IsDir() {
+		v.add(path, "%s is a directory, not a file", file)
+	}
+}
+
+// optionalFile checks a file only when one is named.
+func (v *validator) optionalFile(path, file string) {
+	if file != "" {
+		v.readable(path, file)
+	}
+}
+
+// listeners detects two listeners on the same address.
+type listeners map[string]string // normalized address -> key path
+
+func (l listeners) claim(v *validator, path, addr string) {
+	key := strings.ToLower(addr)
+	if strings.HasPrefix(addr, "unix:") {
+		key = "unix:" + filepath.Clean(addr[len("unix:"):])
+	} else if _, port, err := net.SplitHostPort(addr); err != nil || port == "0" {
+		return // invalid (reported elsewhere) or ephemeral: never a clash
+	}
+	if prev, ok := l[key]; ok {
+		v.add(path, "%s is already used by %s", addr, prev)
+		return
+	}
+	l[key] = path
+}
+
+func (c *Config) validate(v *validator) {
+	if c.ShutdownGrace < 0 {
+		v.add("shutdown_grace", "must not be negative")
+	}
+	if len(c.Postgres) == 0 && c.HTTP == nil {
+		v.add("postgres", "at least one of postgres or http must be configured")
+	}
+
+	ls := listeners{}
+	if c.Admin != nil && v.required("admin.listen", c.Admin.Listen) {
+		if msg := checkTCPListen(c.Admin.Listen); msg != "" {
+			v.add("admin.listen", "%s", msg)
+		} else {
+			ls.claim(v, "admin.listen", c.Admin.Listen)
+		}
+	}
+	c.validateAudit(v)
+	c.validateSecrets(v)
+	c.validateVault(v)
+	for i := range c.Postgres {
+		c.validatePostgres(v, ls, i)
+	}
+	if c.HTTP != nil {
+		c.validateHTTP(v, ls)
+	}
+}
+
+func (c *Config) validateAudit(v *validator) {
+	p := c.Audit.Path
+	if p == "" || p == "-" {
+		return
+	}
+	if fi, err := os.Stat(p); err == nil && fi.IsDir() {
+		v.add("audit.path", "%s is a directory, not a file", p)
+		return
+	}
+	dir := filepath.Dir(p)
+	if fi, err := os.Stat(dir); err != nil {
+		v.add("audit.path", "directory %s: %v", dir, unwrapPathErr(err))
+	} else if !fi.IsDir() {
+		v.add("audit.path", "%s is not a directory", dir)
+	}
+}
+
+func unwrapPathErr(err error) error {
+	if pe, ok := err.(*os.PathError); ok {
+		return pe.Err
+	}
+	return err
+}
+
+func (c *Config) validateSecrets(v *validator) {
+	for _, name := range sortedKeys(c.Secrets) {
+		s := c.Secrets[name]
+		path := keyPath("secrets", name)
+		if name == "" {
+			v.add("secrets", "a secret has an empty name")
+		}
+		var kinds []string
+		if s.Static != nil {
+			kinds = append(kinds, "static")
+		}
+		if s.Env != nil {
+			kinds = append(kinds, "env")
+		}
+		if s.Vault != nil {
+			kinds = append(kinds, "vault")
+		}
+		switch len(kinds) {
+		case 0:
+			v.add(path, "must set one of static, env or vault")
+		case 1:
+		default:
+			v.add(path, "sets %s; only one of static, env or vault is allowed", strings.Join(kinds, " and "))
+		}
+
+		if s.Static != nil {
+			if len(s.Static) == 0 {
+				v.add(path+".static", "must have at least one field")
+			}
+			for _, field := range sortedKeys(s.Static) {
+				fpath := keyPath(path+".static", field)
+				val := s.Static[field]
+				base, isFile := strings.CutSuffix(field, "_file")
+				switch {
+				case field == "":
+					v.add(fpath, "field names must not be empty")
+				case isFile && base == "":
+					v.add(fpath, "missing field name before _file")
+				case isFile:
+					if _, dup := s.Static[base]; dup {
+						v.add(fpath, "field %s is also set; use one or the other", base)
+					}
+					if v.required(fpath, val) {
+						v.readable(fpath, val)
+					}
+				}
+			}
+		}
+		if s.Env != nil {
+			if len(s.Env) == 0 {
+				v.add(path+".env", "must have at least one field")
+			}
+			for _, field := range sortedKeys(s.Env) {
+				fpath := keyPath(path+".env", field)
+				name := s.Env[field]
+				switch {
+				case field == "":
+					v.add(fpath, "field names must not be empty")
+				case name == "":
+					v.add(fpath, "required")
+				case !validEnvName(name):
+					v.add(fpath, "%q is not a valid environment variable name", name)
+				default:
+					// The env source reads these once at start; catching a
+					// missing one here beats a failed session later.
+					if _, ok := v.lookup(name); !ok {
+						v.add(fpath, "environment variable %s is not set", name)
+					}
+				}
+			}
+		}
+		if s.Vault != nil {
+			v.required(path+".vault.path", s.Vault.Path)
+			for _, k := range sortedKeys(s.Vault.FieldMap) {
+				if k == "" || s.Vault.FieldMap[k] == "" {
+					v.add(keyPath(path+".vault.field_map", k), "field names must not be empty")
+				}
+			}
+		}
+	}
+}
+
+func (c *Config) validateVault(v *validator) {
+	var users []string
+	for _, name := range sortedKeys(c.Secrets) {
+		if c.Secrets[name].Vault != nil {
+			users = append(users, strconv.Quote(name))
+		}
+	}
+	vc := c.Vault
+	if vc == nil {
+		if len(users) > 0 {
+			v.add("vault", "required because secrets %s use vault", strings.Join(users, ", "))
+		}
+		return
+	}
+	if v.required("vault.address", vc.Address) {
+		u, err := url.Parse(vc.Address)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			v.add("vault.address", "must be an http:// or https:// URL, not %q", vc.Address)
+		}
+	}
+	v.optionalFile("vault.ca_file", vc.CAFile)
+
+	a := vc.Auth
+	if !v.required("vault.auth.method", a.Method) {
+		return
+	}
+	switch a.Method {
+	case "token":
+		if a.TokenFile == "" {
+			if _, ok := v.lookup("VAULT_TOKEN"); !ok {
+				v.add("vault.auth.token_file", "required when $VAULT_TOKEN is not set")
+			}
+		}
+	case "approle":
+		v.required("vault.auth.role_id_file", a.RoleIDFile)
+		v.required("vault.auth.secret_id_file", a.SecretIDFile)
+	case "kubernetes":
+		v.required("vault.auth.role", a.Role)
+	case "jwt":
+		v.required("vault.auth.role", a.Role)
+		v.required("vault.auth.jwt_file", a.JWTFile)
+	default:
+		v.oneOf("vault.auth.method", a.Method, authMethods)
+	}
+	// Auth files are read when credproxy logs in and may be written or
+	// rotated by another agent (Kubernetes, Vault Agent), so their existence
+	// is not checked here.
+}
+
+func (c *Config) validatePostgres(v *validator, ls listeners, i int) {
+	p := c.Postgres[i]
+	path := fmt.Sprintf("postgres[%d]", i)
+
+	if v.required(path+".name", p.Name) {
+		if !postgresName.MatchString(p.Name) {
+			v.add(path+".name", "%q must match [A-Za-z0-9_.-]+", p.Name)
+		}
+		for j := range i {
+			if c.Postgres[j].Name == p.Name {
+				v.add(path+".name", "duplicate name %q (also postgres[%d])", p.Name, j)
+				break
+			}
+		}
+	}
+	if v.required(path+".listen", p.Listen) {
+		if msg := checkListen(p.Listen); msg != "" {
+			v.add(path+".listen", "%s", msg)
+		} else {
+			ls.claim(v, path+".listen", p.Listen)
+		}
+	}
+	if v.required(path+".upstream", p.Upstream) {
+		if msg := checkHostPort(p.Upstream, false); msg != "" {
+			v.add(path+".upstream", "%s", msg)
+		}
+	}
+	c.checkCredentials(v, path+".credentials", p.Credentials, "username", "password")
+
+	tp := path + ".tls"
+	v.oneOf(tp+".mode", p.TLS.Mode, tlsModes)
+	v.optionalFile(tp+".ca_file", p.TLS.CAFile)
+	v.pairedFiles(tp, p.TLS.CertFile, p.TLS.KeyFile, false)
+
+	if p.ClientTLS != nil {
+		v.pairedFiles(path+".client_tls", p.ClientTLS.CertFile, p.ClientTLS.KeyFile, true)
+	}
+	if p.StartupTimeout <= 0 {
+		v.add(path+".startup_timeout", "must be greater than 0")
+	}
+	if p.ConnectTimeout <= 0 {
+		v.add(path+".connect_timeout", "must be greater than 0")
+	}
+}
+
+// pairedFiles checks a cert_file/key_file pair: both or (unless required) neither.
+func (v *validator) pairedFiles(path, cert, key string, required bool) {
+	switch {
+	case cert == "" && key == "" && !required:
+		return
+	case cert == "" && key == "":
+		v.add(path+".cert_file", "required")
+		v.add(path+".key_file", "required")
+		return
+	case cert == "":
+		v.add(path+".cert_file", "required when key_file is set")
+	case key == "":
+		v.add(path+".key_file", "required when cert_file is set")
+	}
+	v.optionalFile(path+".cert_file", cert)
+	v.optionalFile(path+".key_file", key)
+}
+
+// checkCredentials checks that name is a secret and, where the secret's
+// fields are known before start (static, env), that it has the fields needed.
+func (c *Config) checkCredentials(v *validator, path, name string, fields ...string) {
+	if !v.required(path, name) {
+		return
+	}
+	s, ok := c.Secrets[name]
+	if !ok {
+		v.add(path, "no secret named %q under secrets", name)
+		return
+	}
+	have := map[string]bool{}
+	switch {
+	case s.Static != nil && s.Env == nil && s.Vault == nil:
+		for k := range s.Static {
+			have[strings.TrimSuffix(k, "_file")] = true
+		}
+	case s.Env != nil && s.Static == nil && s.Vault == nil:
+		for k := range s.Env {
+			have[k] = true
+		}
+	default:
+		return // vault fields are only known once read
+	}
+	for _, f := range fields {
+		if !have[f] {
+			v.add(path, "secret %q has no %s field", name, f)
+		}
+	}
+}
+
+func (c *Config) validateHTTP(v *validator, ls listeners) {
+	h := c.HTTP
+	if v.required("http.listen", h.Listen) {
+		if msg := checkTCPListen(h.Listen); msg != "" {
+			v.add("http.listen", "%s", msg)
+		} else {
+			ls.claim(v, "http.listen", h.Listen)
+		}
+	}
+	if v.required("http.ca.cert_file", h.CA.CertFile) {
+		v.readable("http.ca.cert_file", h.CA.CertFile)
+	}
+	if v.required("http.ca.key_file", h.CA.KeyFile) {
+		v.readable("http.ca.key_file", h.CA.KeyFile)
+	}
+	v.optionalFile("http.upstream_ca_file", h.UpstreamCAFile)
+	v.oneOf("http.default", h.Default, httpDefaults)
+
+	hosts := map[string]int{}
+	for i, r := range h.Routes {
+		path := fmt.Sprintf("http.routes[%d]", i)
+		if v.required(path+".host", r.Host) {
+			if msg := checkRouteHost(r.Host); msg != "" {
+				v.add(path+".host", "%s", msg)
+			} else if j, dup := hosts[strings.ToLower(r.Host)]; dup {
+				v.add(path+".host", "duplicate route for %q (also http.routes[%d])", r.Host, j)
+			} else {
+				hosts[strings.ToLower(r.Host)] = i
+			}
+		}
+		var needs []string
+		if r.Inject.AWSSigV4 != nil {
+			needs = []string{"access_key", "secret_key"}
+		}
+		c.checkCredentials(v, path+".credentials", r.Credentials, needs...)
+		v.oneOf(path+".upstream", r.Upstream, upstreams)
+		if r.MaxConcurrent < 0 {
+			v.add(path+".max_concurrent", "must not be negative")
+		}
+		v.validateInject(path+".inject", r.Inject)
+	}
+}
+
+func (v *validator) validateInject(path string, in Inject) {
+	var set []string
+	if in.Header != nil {
+		set = append(set, "header")
+		hp := path + ".header"
+		if v.required(hp+".name", in.Header.Name) && !isToken(in.Header.Name) {
+			v.add(hp+".name", "%q is not a valid header name", in.Header.Name)
+		}
+		if v.required(hp+".value", in.Header.Value) {
+			v.template(hp+".value", in.Header.Value)
+		}
+	}
+	if in.Basic != nil {
+		set = append(set, "basic")
+		bp := path + ".basic"
+		// The password may be empty: some APIs take a key as the username alone.
+		if v.required(bp+".username", in.Basic.Username) {
+			v.template(bp+".username", in.Basic.Username)
+		}
+		v.template(bp+".password", in.Basic.Password)
+	}
+	if in.Query != nil {
+		set = append(set, "query")
+		qp := path + ".query"
+		v.required(qp+".name", in.Query.Name)
+		if v.required(qp+".value", in.Query.Value) {
+			v.template(qp+".value", in.Query.Value)
+		}
+	}
+	if in.AWSSigV4 != nil {
+		set = append(set, "aws_sigv4")
+		v.required(path+".aws_sigv4.service", in.AWSSigV4.Service)
+		v.required(path+".aws_sigv4.region", in.AWSSigV4.Region)
+	}
+	switch len(set) {
+	case 0:
+		v.add(path, "must set one of header, basic, query, aws_sigv4")
+	case 1:
+	default:
+		v.add(path, "sets %s; exactly one of header, basic, query, aws_sigv4 is allowed", strings.Join(set, " and "))
+	}
+}
+
+func (v *validator) template(path, text string) {
+	if _, err := template.New(path).Option("missingkey=error").Parse(text); err != nil {
+		v.add(path, "invalid template: %v", err)
+	}
+}
+
+// checkListen accepts host:port or unix:/absolute/path and returns a problem, or "".
+func checkListen(addr string) string {
+	if sock, ok := strings.CutPrefix(addr, "unix:"); ok {
+		if !filepath.IsAbs(sock) {
+			return fmt.Sprintf("%q: unix socket path must be absolute, e.g. unix:/run/credproxy/.s.PGSQL.5432", addr)
+		}
+		return ""
+	}
+	return checkHostPort(addr, true)
+}
+
+// checkTCPListen accepts host:port for listeners that cannot be unix sockets.
+func checkTCPListen(addr string) string {
+	if strings.HasPrefix(addr, "unix:") {
+		return fmt.Sprintf("%q: unix sockets are only supported for postgres listeners; use host:port", addr)
+	}
+	return checkHostPort(addr, true)
+}
+
+// checkHostPort validates host:port. A listener may omit the host (all
+// interfaces) and use port 0 (any free port); an upstream may not.
+func checkHostPort(addr string, listen bool) string {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Sprintf("%q must be host:port", addr)
+	}
+	if host == "" && !listen {
+		return fmt.Sprintf("%q has no host", addr)
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 || (n == 0 && !listen) {
+		return fmt.Sprintf("%q has an invalid port", addr)
+	}
+	if host != "" && !validHost(host) {
+		return fmt.Sprintf("%q has an invalid host", addr)
+	}
+	return ""
+}
+
+// checkRouteHost accepts an exact host or *.domain, each with an optional port.
+func checkRouteHost(s string) string {
+	host := s
+	if h, port, err := net.SplitHostPort(s); err == nil {
+		host = h
+		if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+			return fmt.Sprintf("%q has an invalid port", s)
+		}
+	} else if strings.HasPrefix(s, "[") && strings.HasSuffix(s, "]") {
+		host = s[1 : len(s)-1]
+	}
+	if rest, ok := strings.CutPrefix(host, "*."); ok {
+		if net.ParseIP(rest) != nil || !validHostname(rest) {
+			return fmt.Sprintf("%q: a wildcard must be followed by a domain, e.g. *.example.com", s)
+		}
+		return ""
+	}
+	if strings.Contains(host, "*") {
+		return fmt.Sprintf("%q: a wildcard is only allowed as the first label, e.g. *.example.com", s)
+	}
+	if !validHost(host) {
+		return fmt.Sprintf("%q is not a valid host", s)
+	}
+	return ""
+}
+
+func validHost(h string) bool {
+	return net.ParseIP(h) != nil || validHostname(h)
+}
+
+// validHostname checks DNS label syntax; underscores are tolerated as many
+// resolvers do.
+func validHostname(h string) bool {
+	if h == "" || len(h) > 253 {
+		return false
+	}
+	for label := range strings.SplitSeq(h, ".") {
+		if label == "" || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
+			return false
+		}
+		for _, c := range label {
+			if !(c == '-' || c == '_' || '0' <= c && c <= '9' || 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z') {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// isToken reports whether s is an HTTP token (RFC 9110), i.e. a valid header name.
+func isToken(s string) bool {
+	if s == "" {
+		return false
+	}
+	for _, c := range s {
+		if c > 0x7e || !(c == '!' || c == '#' || c == '$' || c == '%' || c == '&' || c == '\'' ||
+			c == '*' || c == '+' || c == '-' || c == '.' || c == '^' || c == '_' || c == '`' ||
+			c == '|' || c == '~' || '0' <= c && c <= '9' || 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z') {
+			return false
+		}
+	}
+	return true
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	return keys
+}
