@@ -53,8 +53,13 @@ type Secret struct {
 
 // VaultSecret reads a credential from a Vault path.
 type VaultSecret struct {
-	Path     string            `yaml:"path"`
+	Path string `yaml:"path"`
+	// FieldMap selects and renames fields: credproxy field -> Vault field.
 	FieldMap map[string]string `yaml:"field_map"`
+	// KVVersion is 1 or 2 for a KV mount; 0 (default) probes the mount.
+	KVVersion int `yaml:"kv_version"`
+	// RefreshInterval re-reads a secret without a lease (KV); default 5m.
+	RefreshInterval Duration `yaml:"refresh_interval"`
 }
 
 // Vault is how credproxy reaches and authenticates to Vault.
@@ -63,7 +68,13 @@ type Vault struct {
 	CAFile           string    `yaml:"ca_file"`
 	Namespace        string    `yaml:"namespace"`
 	RevokeOnShutdown *bool     `yaml:"revoke_on_shutdown"` // default true
-	Auth             VaultAuth `yaml:"auth"`
+	// RevokeUnused revokes a lease once it has been rotated out and its
+	// last session ended (default true).
+	RevokeUnused *bool `yaml:"revoke_unused"`
+	// RequestTimeout bounds one Vault request, and how long a new session
+	// waits for a credential when none is cached (default 5s).
+	RequestTimeout Duration  `yaml:"request_timeout"`
+	Auth           VaultAuth `yaml:"auth"`
 }
 
 // VaultAuth selects and configures one Vault auth method.

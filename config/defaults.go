@@ -18,6 +18,9 @@ const (
 	DefaultKubernetesJWT  = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 	DefaultHTTPDefault    = "deny"
 	DefaultRouteUpstream  = "https"
+
+	DefaultVaultRequestTimeout = 5 * time.Second
+	DefaultKVRefreshInterval   = 5 * time.Minute
 )
 
 // applyDefaults fills unset keys. present holds the key paths the file gave
@@ -31,6 +34,13 @@ func (c *Config) applyDefaults(present map[string]bool) {
 			t := true
 			v.RevokeOnShutdown = &t
 		}
+		if v.RevokeUnused == nil {
+			t := true
+			v.RevokeUnused = &t
+		}
+		if !present["vault.request_timeout"] {
+			v.RequestTimeout = Duration(DefaultVaultRequestTimeout)
+		}
 		if v.Auth.Mount == "" {
 			switch v.Auth.Method {
 			case "approle", "kubernetes", "jwt":
@@ -39,6 +49,11 @@ func (c *Config) applyDefaults(present map[string]bool) {
 		}
 		if v.Auth.Method == "kubernetes" && v.Auth.JWTFile == "" {
 			v.Auth.JWTFile = DefaultKubernetesJWT
+		}
+	}
+	for name, sec := range c.Secrets {
+		if sec.Vault != nil && !present["secrets."+name+".vault.refresh_interval"] {
+			sec.Vault.RefreshInterval = Duration(DefaultKVRefreshInterval)
 		}
 	}
 	for i := range c.Postgres {

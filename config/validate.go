@@ -224,6 +224,12 @@ func (c *Config) validateSecrets(v *validator) {
 		}
 		if s.Vault != nil {
 			v.required(path+".vault.path", s.Vault.Path)
+			if kv := s.Vault.KVVersion; kv != 0 && kv != 1 && kv != 2 {
+				v.add(path+".vault.kv_version", "must be 1 or 2 (or omitted to probe the mount)")
+			}
+			if s.Vault.RefreshInterval <= 0 {
+				v.add(path+".vault.refresh_interval", "must be greater than 0")
+			}
 			for _, k := range sortedKeys(s.Vault.FieldMap) {
 				if k == "" || s.Vault.FieldMap[k] == "" {
 					v.add(keyPath(path+".vault.field_map", k), "field names must not be empty")
@@ -254,6 +260,9 @@ func (c *Config) validateVault(v *validator) {
 		}
 	}
 	v.optionalFile("vault.ca_file", vc.CAFile)
+	if vc.RequestTimeout <= 0 {
+		v.add("vault.request_timeout", "must be greater than 0")
+	}
 
 	a := vc.Auth
 	if !v.required("vault.auth.method", a.Method) {

@@ -188,7 +188,16 @@ func (s *Server) accept(ln net.Listener, svc service) {
 		s.sessions.Add(1)
 		go func() {
 			defer s.sessions.Done()
-			_ = svc.handler.ServeConn(s.sessCtx, conn, newSessionID())
+			id := newSessionID()
+			// A bug in one session must not take down the others.
+			defer func() {
+				if r := recover(); r != nil {
+					conn.Close()
+					s.log.Error("session panicked", zap.String("service", svc.name), zap.String("session_id", id),
+						zap.Any("panic", r), zap.Stack("stack"))
+				}
+			}()
+			_ = svc.handler.ServeConn(s.sessCtx, conn, id)
 		}()
 	}
 }

@@ -12,12 +12,14 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgproto3/v2"
 	"go.uber.org/zap"
 
 	"github.com/credproxy/credproxy/config"
+	"github.com/credproxy/credproxy/identity"
 	"github.com/credproxy/credproxy/proxy/audit"
 	"github.com/credproxy/credproxy/proxy/credentials"
 )
@@ -105,7 +107,10 @@ type session struct {
 	raw    net.Conn // the app's connection, or its TLS layer
 	rd     *bufio.Reader
 
+	clientInfo       audit.Client
 	database, dbUser string
+	// term ends the established session with a FATAL (lease end).
+	term atomic.Pointer[terminator]
 }
 
 // ServeConn serves one app connection until it ends, and closes it. It
@@ -116,18 +121,23 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, id string) error
 	cc := &countingConn{Conn: conn}
 	s := &session{
 		h: h, id: id, start: time.Now(), client: cc, raw: cc,
-		log: h.log.With(zap.String("session_id", id), zap.String("client", conn.RemoteAddr().String())),
+		clientInfo: audit.Client{Addr: identity.ClientAddr(conn), Identity: identity.Peer(conn)},
+	}
+	s.log = h.log.With(zap.String("session_id", id), zap.String("client", s.clientInfo.Addr))
+	if s.clientInfo.Identity != "" {
+		s.log = s.log.With(zap.String("identity", s.clientInfo.Identity))
 	}
 	s.rd = bufio.NewReaderSize(cc, 1024)
-	// Closing the socket is what unblocks every read and write below.
-	stop := context.AfterFunc(ctx, func() { conn.Close() })
-	defer stop()
 	defer conn.Close()
 	return s.run(ctx)
 }
 
 func (s *session) run(ctx context.Context) error {
 	h := s.h
+	// Until the relay takes over, shutdown closes the socket outright: that
+	// is what unblocks every handshake read and write.
+	stopHandshake := context.AfterFunc(ctx, func() { s.client.Close() })
+	defer stopHandshake()
 	_ = s.raw.SetDeadline(time.Now().Add(h.cfg.StartupTimeout.D()))
 	params, out, err := s.readStartup(ctx)
 	if err != nil || params == nil {
@@ -153,8 +163,6 @@ func (s *session) run(ctx context.Context) error {
 		return s.deny(err, out)
 	}
 	defer up.conn.Close()
-	stopUp := context.AfterFunc(ctx, func() { up.conn.Close() })
-	defer stopUp()
 
 	// Hand over: everything the app needs in one write.
 	target := cancelTarget{h: h, has: up.key != nil}
@@ -182,11 +190,10 @@ func (s *session) run(ctx context.Context) error {
 	s.log.Info("session started", zap.String("upstream", h.cfg.Upstream),
 		zap.String("database", s.database), zap.String("db_user", s.dbUser), zap.String("credential", handle.Name))
 
-	err = s.relay(ctx, up)
-	if ctx.Err() != nil && err != nil {
-		err = fmt.Errorf("closed by shutdown: %w", err)
+	if !stopHandshake() {
+		return s.end(errors.New("closed by shutdown during handshake"))
 	}
-	return s.end(err)
+	return s.end(s.relay(ctx, up))
 }
 
 // acquire gets the service's credential and checks it has what Postgres needs.
@@ -250,7 +257,7 @@ func (s *session) appendHandover(dst []byte, up *upstream, key *pgproto3.Backend
 func (s *session) record(event string) *audit.Record {
 	return &audit.Record{
 		Event: event, SessionID: s.id, Protocol: "postgres", Service: s.h.cfg.Name,
-		Client: audit.Client{Addr: s.client.RemoteAddr().String()},
+		Client: s.clientInfo,
 	}
 }
 
@@ -305,6 +312,10 @@ func (s *session) end(err error) error {
 		msg = err.Error()
 	}
 	rec.Error = audit.String(msg)
+	var te *errTerminated
+	if errors.As(err, &te) {
+		rec.SQLState = te.resp.Code
+	}
 	s.h.audit.Record(rec)
 	s.log.Info("session ended", zap.Int64("bytes_in", *rec.BytesIn), zap.Int64("bytes_out", *rec.BytesOut),
 		zap.Duration("duration", dur), zap.String("error", msg))

@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"time"
 
 	"github.com/jackc/pgproto3/v2"
 
@@ -30,13 +31,29 @@ func (s *session) relay(ctx context.Context, up *upstream) error {
 		client = s.client.Conn // bypass the handshake counter so io.Copy can splice
 	}
 
-	// Bytes read ahead during the handshake go first.
-	if err := drain(up.conn, s.rd); err != nil {
-		return fmt.Errorf("relay to upstream: %w", err)
+	// Bytes read ahead during the handshake go first (the auditing copy
+	// reads them from s.rd itself).
+	if !s.h.auditQueries {
+		if err := drain(up.conn, s.rd); err != nil {
+			return fmt.Errorf("relay to upstream: %w", err)
+		}
 	}
 	if err := drain(client, up.rd); err != nil {
 		return fmt.Errorf("relay to client: %w", err)
 	}
+
+	// Shutdown (ctx) ends the session with a FATAL at a message boundary;
+	// if the upstream cannot get to one in time, both sides are cut.
+	term := &terminator{up: up.conn}
+	s.term.Store(term)
+	stopKill := context.AfterFunc(ctx, func() {
+		term.terminate(fatal(codeAdminShutdown, "credproxy: terminating connection because credproxy is shutting down"))
+		time.AfterFunc(2*boundaryWait, func() {
+			s.raw.Close()
+			up.conn.Close()
+		})
+	})
+	defer stopKill()
 
 	// Whichever direction ends first closes both connections, so the other
 	// copy returns too, and its error is the session's.
@@ -55,7 +72,7 @@ func (s *session) relay(ctx context.Context, up *upstream) error {
 	// an idle session costs two goroutines, not three.
 	toClient := make(chan int64, 1)
 	go func() {
-		n, err := io.Copy(client, up.conn)
+		n, err := copyToClient(client, up.conn, term)
 		finish("upstream", err)
 		toClient <- n
 	}()
@@ -72,8 +89,12 @@ func (s *session) relay(ctx context.Context, up *upstream) error {
 		s.client.in.Add(in)
 		s.client.out.Add(out)
 	}
-	if ctx.Err() != nil {
-		return ctx.Err()
+	var te *errTerminated
+	if errors.As(firstErr, &te) {
+		return te
+	}
+	if ctx.Err() != nil && firstErr != nil {
+		return fmt.Errorf("closed by shutdown: %w", firstErr)
 	}
 	if errors.Is(firstErr, net.ErrClosed) {
 		return nil
@@ -162,8 +183,18 @@ func (s *session) auditStatement(typ byte, body []byte, truncated bool) {
 
 // statementText extracts the SQL of a Query ('Q') or Parse ('P') body with
 // pgproto3; a truncated body (over maxAuditSQL) yields its leading text.
-func statementText(typ byte, body []byte, truncated bool) (string, bool) {
+func statementText(typ byte, body []byte, truncated bool) (sql string, ok bool) {
+	// The body is untrusted; pgproto3/v2's decoders index into it (Query
+	// panics on an empty body), so guard them rather than crash the relay.
+	defer func() {
+		if recover() != nil {
+			sql, ok = "", false
+		}
+	}()
 	if !truncated {
+		if len(body) == 0 {
+			return "", false
+		}
 		switch typ {
 		case 'Q':
 			var q pgproto3.Query

@@ -1,0 +1,294 @@
+package credentials
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	vault "github.com/hashicorp/vault/api"
+	"go.uber.org/zap"
+
+	"github.com/credproxy/credproxy/config"
+	"github.com/credproxy/credproxy/identity"
+)
+
+// VaultClient is credproxy's authenticated session with Vault. It logs in
+// with the configured method, keeps the token renewed (vault/api's
+// LifetimeWatcher), logs in again when the token can no longer be renewed,
+// and retries a request once after a fresh login when Vault answers 403.
+type VaultClient struct {
+	api   *vault.Client
+	login identity.VaultLogin
+	log   *zap.Logger
+	// Timeout bounds one request to Vault.
+	timeout time.Duration
+
+	mu       sync.Mutex
+	loggedIn bool
+	lastErr  error
+	epoch    int // counts logins, so concurrent 403s cause one re-login
+
+	stop context.CancelFunc
+	ctx  context.Context
+	wg   sync.WaitGroup
+	kick    chan struct{} // asks the token loop to log in again
+	changed chan struct{} // closed (and replaced) when a login attempt ends
+}
+
+// NewVaultClient configures a client; nothing is sent until Start.
+func NewVaultClient(c config.Vault, log *zap.Logger) (*VaultClient, error) {
+	vc := vault.DefaultConfig()
+	vc.Address = c.Address
+	timeout := c.RequestTimeout.D()
+	if timeout <= 0 {
+		timeout = config.DefaultVaultRequestTimeout
+	}
+	vc.Timeout = timeout
+	vc.MaxRetries = 0 // the Store retries with its own backoff
+	if c.CAFile != "" {
+		if err := vc.ConfigureTLS(&vault.TLSConfig{CACert: c.CAFile}); err != nil {
+			return nil, fmt.Errorf("vault.ca_file: %w", err)
+		}
+	}
+	if vc.Error != nil {
+		return nil, fmt.Errorf("vault client: %w", vc.Error)
+	}
+	api, err := vault.NewClient(vc)
+	if err != nil {
+		return nil, fmt.Errorf("vault client: %w", err)
+	}
+	api.ClearToken() // never pick up $VAULT_TOKEN implicitly; the token method reads it explicitly
+	if c.Namespace != "" {
+		api.SetNamespace(c.Namespace)
+	}
+	login, err := identity.NewVaultLogin(c.Auth)
+	if err != nil {
+		return nil, err
+	}
+	ctx, stop := context.WithCancel(context.Background())
+	return &VaultClient{api: api, login: login, log: log.Named("vault"), timeout: timeout,
+		ctx: ctx, stop: stop, kick: make(chan struct{}, 1), changed: make(chan struct{})}, nil
+}
+
+// Start logs in (waiting at most one request timeout) and starts keeping the
+// token alive. A failed first login is logged, not fatal: the loop keeps
+// trying with backoff, and Ready reports the state.
+func (v *VaultClient) Start(ctx context.Context) {
+	first := make(chan struct{})
+	v.wg.Add(1)
+	go func() {
+		defer v.wg.Done()
+		v.tokenLoop(first)
+	}()
+	t := time.NewTimer(v.timeout)
+	defer t.Stop()
+	select {
+	case <-first:
+	case <-t.C:
+	case <-ctx.Done():
+	}
+}
+
+// Close stops renewing the token. It does not revoke it: a token given to
+// credproxy (method token) is not credproxy's to end.
+func (v *VaultClient) Close() {
+	v.stop()
+	v.wg.Wait()
+}
+
+// Ready reports whether credproxy holds a valid Vault token, and if not why.
+func (v *VaultClient) Ready() error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.loggedIn {
+		return nil
+	}
+	if v.lastErr != nil {
+		return v.lastErr
+	}
+	return errors.New("not logged in to Vault yet")
+}
+
+// tokenLoop logs in, renews until the token cannot be renewed any more, and
+// logs in again; on failure it retries with capped exponential backoff.
+func (v *VaultClient) tokenLoop(first chan struct{}) {
+	var once sync.Once
+	signalFirst := func() { once.Do(func() { close(first) }) }
+	defer signalFirst()
+	backoff := newBackoff(500*time.Millisecond, 30*time.Second)
+	for v.ctx.Err() == nil {
+		secret, err := v.doLogin(v.ctx)
+		signalFirst()
+		if err != nil {
+			v.log.Warn("vault login failed", zap.String("method", v.login.Method()), zap.Error(err))
+			// Back off, unless a request is waiting on a new login.
+			t := time.NewTimer(backoff.next())
+			select {
+			case <-v.ctx.Done():
+				t.Stop()
+				return
+			case <-v.kick:
+			case <-t.C:
+			}
+			t.Stop()
+			continue
+		}
+		backoff.reset()
+		v.keepAlive(secret)
+	}
+}
+
+// doLogin logs in and installs the token.
+func (v *VaultClient) doLogin(ctx context.Context) (*vault.Secret, error) {
+	lctx, cancel := context.WithTimeout(ctx, v.timeout)
+	defer cancel()
+	secret, err := v.login.Login(lctx, v.api)
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	close(v.changed)
+	v.changed = make(chan struct{})
+	if err != nil {
+		v.loggedIn, v.lastErr = false, fmt.Errorf("vault login (%s): %w", v.login.Method(), err)
+		return nil, v.lastErr
+	}
+	v.api.SetToken(secret.Auth.ClientToken)
+	v.loggedIn, v.lastErr = true, nil
+	v.epoch++
+	v.log.Info("logged in to vault", zap.String("method", v.login.Method()),
+		zap.Int("token_ttl_s", secret.Auth.LeaseDuration), zap.Bool("renewable", secret.Auth.Renewable))
+	return secret, nil
+}
+
+// keepAlive renews the token until it cannot be renewed further, a re-login
+// is requested, or the client closes.
+func (v *VaultClient) keepAlive(secret *vault.Secret) {
+	if secret.Auth.LeaseDuration == 0 {
+		// A token without a TTL (root, or a periodic-less service token)
+		// lives until revoked: wait for a 403 to ask for a new login.
+		select {
+		case <-v.ctx.Done():
+		case <-v.kick:
+		}
+		return
+	}
+	w, err := v.api.NewLifetimeWatcher(&vault.LifetimeWatcherInput{Secret: secret})
+	if err != nil {
+		v.log.Error("vault token watcher", zap.Error(err))
+		return
+	}
+	v.wg.Add(1)
+	go func() {
+		defer v.wg.Done()
+		w.Start()
+	}()
+	defer w.Stop()
+	for {
+		select {
+		case <-v.ctx.Done():
+			return
+		case <-v.kick:
+			return
+		case r := <-w.RenewCh():
+			if r.Secret != nil && r.Secret.Auth != nil {
+				v.log.Debug("vault token renewed", zap.Int("token_ttl_s", r.Secret.Auth.LeaseDuration))
+			}
+		case err := <-w.DoneCh():
+			if err != nil {
+				v.log.Warn("vault token renewal failed; logging in again", zap.Error(err))
+			} else {
+				v.log.Info("vault token reached its max TTL; logging in again")
+			}
+			return
+		}
+	}
+}
+
+// do runs fn with the client. When Vault answers 403 (the token expired or was
+// revoked), it logs in again once and retries, as a demanding operator
+// expects after a Vault restore or token revocation.
+func (v *VaultClient) do(ctx context.Context, fn func(ctx context.Context, c *vault.Client) error) error {
+	v.mu.Lock()
+	epoch, loggedIn := v.epoch, v.loggedIn
+	v.mu.Unlock()
+	if !loggedIn {
+		if err := v.reLogin(ctx, epoch); err != nil {
+			return err
+		}
+		v.mu.Lock()
+		epoch = v.epoch
+		v.mu.Unlock()
+	}
+	err := v.call(ctx, fn)
+	if !isPermissionDenied(err) {
+		return err
+	}
+	if lerr := v.reLogin(ctx, epoch); lerr != nil {
+		return fmt.Errorf("%w (and logging in again failed: %v)", err, lerr)
+	}
+	return v.call(ctx, fn)
+}
+
+func (v *VaultClient) call(ctx context.Context, fn func(ctx context.Context, c *vault.Client) error) error {
+	cctx, cancel := context.WithTimeout(ctx, v.timeout)
+	defer cancel()
+	return fn(cctx, v.api)
+}
+
+// reLogin asks the token loop for a fresh login, unless another caller
+// already got one since epoch, and waits for its outcome.
+func (v *VaultClient) reLogin(ctx context.Context, epoch int) error {
+	v.mu.Lock()
+	if v.epoch != epoch && v.loggedIn {
+		v.mu.Unlock()
+		return nil
+	}
+	v.loggedIn = false
+	wait := v.changed
+	v.mu.Unlock()
+	select {
+	case v.kick <- struct{}{}:
+	default:
+	}
+	select {
+	case <-wait:
+	case <-ctx.Done():
+		return fmt.Errorf("vault login: %w", ctx.Err())
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.loggedIn {
+		return nil
+	}
+	return v.lastErr
+}
+
+// isPermissionDenied reports a 403 from Vault.
+func isPermissionDenied(err error) bool {
+	var re *vault.ResponseError
+	if errors.As(err, &re) {
+		return re.StatusCode == http.StatusForbidden
+	}
+	return err != nil && strings.Contains(err.Error(), "Code: 403")
+}
+
+// backoff is capped exponential backoff.
+type backoff struct {
+	min, max, cur time.Duration
+}
+
+func newBackoff(min, max time.Duration) *backoff { return &backoff{min: min, max: max} }
+
+func (b *backoff) next() time.Duration {
+	if b.cur == 0 {
+		b.cur = b.min
+	} else {
+		b.cur = min(2*b.cur, b.max)
+	}
+	return b.cur
+}
+
+func (b *backoff) reset() { b.cur = 0 }
