@@ -64,10 +64,10 @@ type VaultSecret struct {
 
 // Vault is how credproxy reaches and authenticates to Vault.
 type Vault struct {
-	Address          string    `yaml:"address"`
-	CAFile           string    `yaml:"ca_file"`
-	Namespace        string    `yaml:"namespace"`
-	RevokeOnShutdown *bool     `yaml:"revoke_on_shutdown"` // default true
+	Address          string `yaml:"address"`
+	CAFile           string `yaml:"ca_file"`
+	Namespace        string `yaml:"namespace"`
+	RevokeOnShutdown *bool  `yaml:"revoke_on_shutdown"` // default true
 	// RevokeUnused revokes a lease once it has been rotated out and its
 	// last session ended (default true).
 	RevokeUnused *bool `yaml:"revoke_unused"`

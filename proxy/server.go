@@ -34,6 +34,7 @@ type Server struct {
 	log   *zap.Logger
 	audit audit.Sink
 	store *credentials.Store
+	vault *credentials.VaultClient // nil without a vault block
 
 	closeAudit func() error
 	services   []service
@@ -59,11 +60,24 @@ type service struct {
 // New builds everything the config describes but binds nothing.
 func New(cfg *config.Config, log *zap.Logger) (*Server, error) {
 	s := &Server{cfg: cfg, log: log, audit: audit.Discard{}, closeAudit: func() error { return nil }}
-	sources, err := BuildSources(cfg.Secrets)
+	if cfg.Vault != nil {
+		vc, err := credentials.NewVaultClient(*cfg.Vault, log)
+		if err != nil {
+			return nil, err
+		}
+		s.vault = vc
+	}
+	sources, err := BuildSources(cfg.Secrets, s.vault)
 	if err != nil {
 		return nil, err
 	}
-	s.store = credentials.NewStore(sources)
+	opts := credentials.Options{Logger: log}
+	if v := cfg.Vault; v != nil {
+		opts.FetchTimeout = v.RequestTimeout.D()
+		opts.RevokeUnused = v.RevokeUnused == nil || *v.RevokeUnused
+		opts.RevokeOnClose = v.RevokeOnShutdown == nil || *v.RevokeOnShutdown
+	}
+	s.store = credentials.NewStore(sources, opts)
 	if cfg.Audit.Path != "" {
 		alog := log.Named("audit")
 		w, err := audit.Open(cfg.Audit.Path, func(err error) { alog.Error("audit write failed", zap.Error(err)) })
@@ -92,8 +106,9 @@ func New(cfg *config.Config, log *zap.Logger) (*Server, error) {
 	return s, nil
 }
 
-// BuildSources creates a credential source per configured secret.
-func BuildSources(secrets map[string]config.Secret) (map[string]credentials.Source, error) {
+// BuildSources creates a credential source per configured secret; vault is
+// the client for vault sources (nil when none is configured).
+func BuildSources(secrets map[string]config.Secret, vault *credentials.VaultClient) (map[string]credentials.Source, error) {
 	out := make(map[string]credentials.Source, len(secrets))
 	for name, sc := range secrets {
 		switch {
@@ -106,15 +121,27 @@ func BuildSources(secrets map[string]config.Secret) (map[string]credentials.Sour
 		case sc.Env != nil:
 			out[name] = credentials.NewEnv(sc.Env)
 		case sc.Vault != nil:
-			return nil, fmt.Errorf("secrets.%s.vault: the vault source is not available in this build yet", name)
+			if vault == nil {
+				return nil, fmt.Errorf("secrets.%s.vault: no vault block configured", name)
+			}
+			out[name] = credentials.NewVault(vault, *sc.Vault)
 		}
 	}
 	return out, nil
 }
 
-// Start binds every listener and starts accepting. A bind failure closes
-// what was bound and returns the error.
+// Start logs in to Vault (if configured), fetches every credential once so
+// the first sessions need not wait, binds every listener and starts
+// accepting. A credential that cannot be fetched yet is logged, not fatal:
+// sessions get a clear error until its source recovers. A bind failure
+// closes what was bound and returns the error.
 func (s *Server) Start() error {
+	if s.vault != nil {
+		s.vault.Start(s.sessCtx)
+	}
+	for name, err := range s.store.Warm(s.sessCtx) {
+		s.log.Warn("credential not available at start", zap.String("credential", name), zap.Error(err))
+	}
 	for _, svc := range s.services {
 		ln, err := Listen(svc.listen)
 		if err != nil {
@@ -237,6 +264,13 @@ func (s *Server) Close() error {
 		s.stopAccepting()
 		s.killAll()
 		s.sessions.Wait()
+		// Leases are revoked once no session uses them.
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		s.store.Close(ctx)
+		cancel()
+		if s.vault != nil {
+			s.vault.Close()
+		}
 		s.closeError = s.closeAudit()
 	})
 	return s.closeError

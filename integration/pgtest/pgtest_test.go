@@ -48,7 +48,7 @@ func TestHBAConf(t *testing.T) {
 		name string
 		opts Options
 		want []string // lines, in order
-		not  string // must not occur; "" checks nothing
+		not  string   // must not occur; "" checks nothing
 	}{
 		{"plain", Options{}, []string{"local all postgres trust", "host all scram_user 127.0.0.1/32 scram-sha-256", "host all md5_user 127.0.0.1/32 md5"}, "cert"},
 		{"tls", Options{TLS: true}, []string{"local all postgres trust", "hostssl all cert_user 127.0.0.1/32 cert"}, ""},

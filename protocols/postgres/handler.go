@@ -144,25 +144,14 @@ func (s *session) run(ctx context.Context) error {
 		return err
 	}
 
-	handle, err := s.acquire(ctx)
+	params["database"] = s.database
+	handle, up, err := s.login(ctx, params)
 	if err != nil {
 		return s.deny(err, out)
 	}
 	defer handle.Release()
-	cred := handle.Credential
-	user, _ := cred.Field("username")
-	password, _ := cred.Field("password")
-	s.dbUser = user.Reveal()
-	params["user"] = s.dbUser
-	params["database"] = s.database
-
-	upCtx, cancel := context.WithTimeout(ctx, h.cfg.ConnectTimeout.D())
-	defer cancel()
-	up, err := s.connect(upCtx, password, params)
-	if err != nil {
-		return s.deny(err, out)
-	}
 	defer up.conn.Close()
+	cred := handle.Credential
 
 	// Hand over: everything the app needs in one write.
 	target := cancelTarget{h: h, has: up.key != nil}
@@ -171,6 +160,11 @@ func (s *session) run(ctx context.Context) error {
 	}
 	key, unregister := h.cancels.issue(target)
 	defer unregister()
+	// From here on shutdown ends the session with a FATAL at a message
+	// boundary (see relay) rather than by closing the socket.
+	if !stopHandshake() {
+		return s.end(errors.New("closed by shutdown during handshake"))
+	}
 	out = s.appendHandover(out, up, &key)
 	_ = s.raw.SetDeadline(time.Now().Add(h.cfg.StartupTimeout.D()))
 	if _, err := s.raw.Write(out); err != nil {
@@ -190,10 +184,37 @@ func (s *session) run(ctx context.Context) error {
 	s.log.Info("session started", zap.String("upstream", h.cfg.Upstream),
 		zap.String("database", s.database), zap.String("db_user", s.dbUser), zap.String("credential", handle.Name))
 
-	if !stopHandshake() {
-		return s.end(errors.New("closed by shutdown during handshake"))
+	return s.end(s.relay(ctx, up, handle))
+}
+
+// login acquires the service's credential and logs in upstream with it. A
+// leased credential the upstream refuses (revoked out of band) is dropped
+// and a fresh one tried once, so the app does not see the failure.
+func (s *session) login(ctx context.Context, params map[string]string) (*credentials.Handle, *upstream, error) {
+	for attempt := 0; ; attempt++ {
+		handle, err := s.acquire(ctx)
+		if err != nil {
+			return nil, nil, err
+		}
+		user, _ := handle.Credential.Field("username")
+		password, _ := handle.Credential.Field("password")
+		s.dbUser = user.Reveal()
+		params["user"] = s.dbUser
+		upCtx, cancel := context.WithTimeout(ctx, s.h.cfg.ConnectTimeout.D())
+		up, err := s.connect(upCtx, password, params)
+		cancel()
+		if err == nil {
+			return handle, up, nil
+		}
+		handle.Release()
+		var ue *upstreamError
+		if attempt == 0 && handle.Credential.Lease.Leased() && errors.As(err, &ue) && ue.reason == "upstream auth failed" {
+			s.log.Warn("upstream refused a leased credential; retrying with a fresh one", zap.Error(err))
+			handle.Invalidate()
+			continue
+		}
+		return nil, nil, err
 	}
-	return s.end(s.relay(ctx, up))
 }
 
 // acquire gets the service's credential and checks it has what Postgres needs.

@@ -15,6 +15,7 @@ import (
 	"github.com/jackc/pgproto3/v2"
 
 	"github.com/credproxy/credproxy/proxy/audit"
+	"github.com/credproxy/credproxy/proxy/credentials"
 )
 
 // maxAuditSQL is how much of one statement the audit log keeps; the rest of
@@ -24,7 +25,7 @@ const maxAuditSQL = 1 << 20
 // relay streams both directions until either side ends. Without query
 // auditing it copies raw connections, so plain TCP on both sides uses
 // splice(2) and an idle session holds no user-space buffer.
-func (s *session) relay(ctx context.Context, up *upstream) error {
+func (s *session) relay(ctx context.Context, up *upstream, handle *credentials.Handle) error {
 	client := s.raw
 	tlsClient := s.raw != net.Conn(s.client)
 	if !tlsClient {
@@ -37,6 +38,12 @@ func (s *session) relay(ctx context.Context, up *upstream) error {
 		if err := drain(up.conn, s.rd); err != nil {
 			return fmt.Errorf("relay to upstream: %w", err)
 		}
+	}
+	// The message tracker must see the read-ahead too, or a later FATAL
+	// could land inside a message that began in it.
+	var tr msgTracker
+	if b, _ := up.rd.Peek(up.rd.Buffered()); len(b) > 0 {
+		tr.advance(b)
 	}
 	if err := drain(client, up.rd); err != nil {
 		return fmt.Errorf("relay to client: %w", err)
@@ -54,6 +61,10 @@ func (s *session) relay(ctx context.Context, up *upstream) error {
 		})
 	})
 	defer stopKill()
+	// A credential whose lease ends takes its sessions with it.
+	handle.OnEnd(func() {
+		term.terminate(fatal(codeAdminShutdown, "credproxy: credential lease expired"))
+	})
 
 	// Whichever direction ends first closes both connections, so the other
 	// copy returns too, and its error is the session's.
@@ -72,7 +83,7 @@ func (s *session) relay(ctx context.Context, up *upstream) error {
 	// an idle session costs two goroutines, not three.
 	toClient := make(chan int64, 1)
 	go func() {
-		n, err := copyToClient(client, up.conn, term)
+		n, err := copyToClient(client, up.conn, term, tr)
 		finish("upstream", err)
 		toClient <- n
 	}()

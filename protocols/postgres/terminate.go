@@ -91,9 +91,9 @@ const smallBuf = 2 << 10
 var bigBufs = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
 
 // copyToClient copies upstream bytes to the app until EOF, an error, or a
-// termination request, which it honours at a message boundary.
-func copyToClient(dst io.Writer, src net.Conn, t *terminator) (int64, error) {
-	var tr msgTracker
+// termination request, which it honours at a message boundary. tr is the
+// framing state after whatever was already forwarded.
+func copyToClient(dst io.Writer, src net.Conn, t *terminator, tr msgTracker) (int64, error) {
 	small := make([]byte, smallBuf)
 	buf := small
 	var big *[]byte

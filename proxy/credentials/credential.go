@@ -8,8 +8,12 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
+	"fmt"
 	"sort"
 	"time"
+
+	"go.uber.org/zap/zapcore"
 )
 
 // Credential is one set of fields read together from a source: a username and
@@ -83,4 +87,35 @@ type Leaser interface {
 	Renew(ctx context.Context, lease Lease, increment time.Duration) (Lease, error)
 	// Revoke ends the lease now.
 	Revoke(ctx context.Context, lease Lease) error
+}
+
+// String shows the lease by its hash; the ID itself is a secret.
+func (l Lease) String() string {
+	if !l.Leased() {
+		return "no lease"
+	}
+	return fmt.Sprintf("lease sha256:%.12s ttl=%s renewable=%t", l.IDHash(), l.TTL, l.Renewable)
+}
+
+// GoString is String, so %#v cannot print the ID either.
+func (l Lease) GoString() string { return l.String() }
+
+// Format covers every fmt verb.
+func (l Lease) Format(f fmt.State, _ rune) { _, _ = f.Write([]byte(l.String())) }
+
+// MarshalJSON renders the lease as the audit log does: hash and TTL.
+func (l Lease) MarshalJSON() ([]byte, error) {
+	return json.Marshal(struct {
+		IDSHA256  string  `json:"id_sha256,omitempty"`
+		TTLSecs   float64 `json:"ttl_s"`
+		Renewable bool    `json:"renewable"`
+	}{l.IDHash(), l.TTL.Seconds(), l.Renewable})
+}
+
+// MarshalLogObject implements zapcore.ObjectMarshaler.
+func (l Lease) MarshalLogObject(enc zapcore.ObjectEncoder) error {
+	enc.AddString("id_sha256", l.IDHash())
+	enc.AddDuration("ttl", l.TTL)
+	enc.AddBool("renewable", l.Renewable)
+	return nil
 }

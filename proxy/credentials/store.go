@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"sync"
 	"time"
+
+	"go.uber.org/zap"
 )
 
 // UnavailableError says a named credential could not be served. Its text is
@@ -24,39 +26,116 @@ func (e *UnavailableError) Unwrap() error { return e.Err }
 // ErrUnknown is returned for a credential name the Store was not given.
 var ErrUnknown = errors.New("no such credential")
 
-// Store serves named credentials to sessions. New sessions share the
-// credential a source last returned while it is fresh (unleased, or leased
-// and not past two thirds of its TTL); concurrent requests on a cold cache
-// cause a single Fetch. Every Acquire is paired with Handle.Release, so the
-// Store knows which credentials are still in use.
+// Refresher is implemented by sources whose unleased credentials (KV reads)
+// should be re-read periodically.
+type Refresher interface {
+	RefreshInterval() time.Duration
+}
+
+// Observer hears about the Store's work, for metrics. Every method must be
+// cheap and safe for concurrent use; a nil Observer is allowed.
+type Observer interface {
+	Fetched(name string, d time.Duration, err error)
+	Renewed(name string, err error)
+	Rotated(name string, err error)
+	LeasesActive(name string, n int)
+}
+
+// Options tune a Store. The zero value serves static and env sources.
+type Options struct {
+	Logger *zap.Logger
+	// FetchTimeout bounds one fetch, retries included, and so how long a new
+	// session waits for a credential that is not cached (default 5s).
+	FetchTimeout time.Duration
+	// RevokeUnused revokes a lease once it was rotated out and its last
+	// session ended.
+	RevokeUnused bool
+	// RevokeOnClose revokes every lease still held when the Store closes.
+	RevokeOnClose bool
+	Observer      Observer
+}
+
+// Store serves named credentials to sessions and manages their leases.
+//
+// New sessions share the credential last fetched while it is fresh: an
+// unleased credential always (re-read in the background every refresh
+// interval when its source says so), a leased one until two thirds of its
+// lease have passed or until it can no longer be renewed past its max TTL.
+// After that the next session causes a new fetch: rotation costs no failed
+// connection. Concurrent requests on a cold cache cause a single fetch.
+//
+// A lease with sessions is renewed at two thirds of its TTL; a lease with
+// none is retired then (revoked when RevokeUnused). When a lease cannot be
+// renewed any further, its sessions are ended just before it expires, since
+// the database would drop the role anyway.
+//
+// When the source fails, sessions keep getting a cached credential while it
+// is valid; otherwise they fail at once until a retry (with backoff) is due.
 type Store struct {
 	now     func() time.Time
+	opts    Options
+	log     *zap.Logger
 	entries map[string]*entry
+
+	ctx    context.Context // ends background work at Close
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
 }
 
 // NewStore builds a Store over the named sources.
-func NewStore(sources map[string]Source) *Store {
-	s := &Store{now: time.Now, entries: make(map[string]*entry, len(sources))}
+func NewStore(sources map[string]Source, opts Options) *Store {
+	if opts.FetchTimeout <= 0 {
+		opts.FetchTimeout = 5 * time.Second
+	}
+	if opts.Logger == nil {
+		opts.Logger = zap.NewNop()
+	}
+	s := &Store{now: time.Now, opts: opts, log: opts.Logger.Named("credentials"),
+		entries: make(map[string]*entry, len(sources))}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
 	for name, src := range sources {
-		s.entries[name] = &entry{name: name, src: src}
+		e := &entry{name: name, src: src, all: make(map[*held]struct{})}
+		e.leaser, _ = src.(Leaser)
+		if r, ok := src.(Refresher); ok {
+			e.refresh = r.RefreshInterval()
+		}
+		s.entries[name] = e
 	}
 	return s
 }
 
 type entry struct {
-	name string
-	src  Source
+	name    string
+	src     Source
+	leaser  Leaser        // nil when the source has no leases
+	refresh time.Duration // re-read interval for unleased credentials; 0: never
 
 	mu       sync.Mutex
-	current  *held         // what new sessions get; nil until the first fetch
-	inflight chan struct{} // closed when the running fetch ends
-	lastErr  error         // the running fetch's result, for its waiters
+	current  *held              // what new sessions get; nil until the first fetch
+	all      map[*held]struct{} // every leased credential not yet ended
+	inflight chan struct{}      // closed when the running fetch ends
+	lastErr  error              // the last fetch's error
+	failures int                // consecutive failed fetches
+	retryAt  time.Time          // no new fetch for sessions before this
+	fetched  time.Time          // when current was fetched
 }
 
 // held is one credential and the sessions using it.
 type held struct {
 	cred  *Credential
-	users int
+	lease Lease // as last renewed; guarded by entry.mu
+	users map[*Handle]struct{}
+	final bool          // cannot be renewed further: no new sessions
+	ended bool          // revoked, expired or retired
+	wake  chan struct{} // signalled when users come or go, or h is replaced
+}
+
+// signal wakes h's maintenance without blocking.
+func (h *held) signal() {
+	select {
+	case h.wake <- struct{}{}:
+	default:
+	}
 }
 
 // Handle is one session's use of a credential.
@@ -65,17 +144,53 @@ type Handle struct {
 	Credential *Credential
 
 	release sync.Once
+	store   *Store
 	entry   *entry
 	held    *held
+	onEnd   func() // guarded by entry.mu
 }
 
 // Release ends this use. It is safe to call more than once.
 func (h *Handle) Release() {
 	h.release.Do(func() {
-		h.entry.mu.Lock()
-		h.held.users--
-		h.entry.mu.Unlock()
+		e := h.entry
+		e.mu.Lock()
+		delete(h.held.users, h)
+		h.onEnd = nil
+		if len(h.held.users) == 0 {
+			h.held.signal()
+		}
+		e.mu.Unlock()
 	})
+}
+
+// OnEnd registers f, which must not block, to be called once when the
+// credential can no longer be used: its lease is about to expire and cannot
+// be renewed, so the session must end. A credential already ended calls f
+// at once. Release unregisters it.
+func (h *Handle) OnEnd(f func()) {
+	e := h.entry
+	e.mu.Lock()
+	ended := h.held.ended
+	if !ended {
+		h.onEnd = f
+	}
+	e.mu.Unlock()
+	if ended {
+		f()
+	}
+}
+
+// Invalidate reports that the upstream refused this credential (a lease
+// revoked out of band, a rotated password): new sessions will not get it.
+func (h *Handle) Invalidate() {
+	e := h.entry
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.current == h.held {
+		e.current = nil
+		h.store.log.Warn("credential refused upstream; fetching a new one for new sessions", zap.String("credential", e.name))
+	}
 }
 
 // Acquire returns a credential for a new session. Errors are
@@ -85,59 +200,394 @@ func (s *Store) Acquire(ctx context.Context, name string) (*Handle, error) {
 	if !ok {
 		return nil, &UnavailableError{Name: name, Err: ErrUnknown}
 	}
+	// After a fetch this caller waited for, a credential that is valid but
+	// already past its freshness is still served: fetching again would loop.
+	fetched := false
 	for {
 		e.mu.Lock()
-		if h := e.current; h != nil && s.fresh(h.cred) {
-			h.users++
-			e.mu.Unlock()
-			return &Handle{Name: name, Credential: h.cred, entry: e, held: h}, nil
+		now := s.now()
+		if h := e.current; h != nil && (s.fresh(h, now) || fetched && s.valid(h, now)) {
+			if e.refresh > 0 && !h.cred.Lease.Leased() && now.Sub(e.fetched) >= e.refresh && e.inflight == nil {
+				s.startFetch(e) // re-read in the background; serve the cached value now
+			}
+			return s.attach(e, h), nil
 		}
 		if wait := e.inflight; wait != nil {
 			e.mu.Unlock()
 			select {
 			case <-wait:
+				fetched = true
+				continue
 			case <-ctx.Done():
 				return nil, &UnavailableError{Name: name, Err: ctx.Err()}
 			}
-			e.mu.Lock()
+		}
+		if fetched && e.lastErr == nil {
+			e.mu.Unlock()
+			return nil, &UnavailableError{Name: name, Err: errors.New("the source returned a credential that is already expired")}
+		}
+		if now.Before(e.retryAt) {
+			// The source failed recently: serve what is still valid, or
+			// fail at once rather than make every session wait.
+			if h := e.current; h != nil && s.valid(h, now) {
+				return s.attach(e, h), nil
+			}
 			err := e.lastErr
 			e.mu.Unlock()
-			// A fetch that failed because its caller gave up says nothing
-			// about the source: try again with our own context.
-			if err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded) {
-				return nil, &UnavailableError{Name: name, Err: err}
-			}
-			continue
-		}
-		done := make(chan struct{})
-		e.inflight = done
-		e.mu.Unlock()
-
-		cred, err := e.src.Fetch(ctx)
-
-		e.mu.Lock()
-		e.inflight = nil
-		e.lastErr = err
-		if err == nil {
-			if cred.Lease.Leased() && cred.Lease.Issued.IsZero() {
-				cred.Lease.Issued = s.now()
-			}
-			e.current = &held{cred: cred}
-		}
-		close(done)
-		e.mu.Unlock()
-		if err != nil {
 			return nil, &UnavailableError{Name: name, Err: err}
+		}
+		wait := s.startFetch(e)
+		e.mu.Unlock()
+		select {
+		case <-wait:
+			fetched = true
+		case <-ctx.Done():
+			return nil, &UnavailableError{Name: name, Err: ctx.Err()}
 		}
 	}
 }
 
-// fresh reports whether new sessions may still be given cred: always for an
-// unleased credential, and until two thirds of the lease for a leased one, so
-// a session never starts on a credential about to expire.
-func (s *Store) fresh(cred *Credential) bool {
-	if !cred.Lease.Leased() {
+// attach adds a session to h and unlocks e.
+func (s *Store) attach(e *entry, h *held) *Handle {
+	hd := &Handle{Name: e.name, Credential: h.cred, store: s, entry: e, held: h}
+	h.users[hd] = struct{}{}
+	if len(h.users) == 1 {
+		h.signal() // a stale lease in use again must be renewed
+	}
+	e.mu.Unlock()
+	return hd
+}
+
+// fresh reports whether new sessions may be given h.
+func (s *Store) fresh(h *held, now time.Time) bool {
+	if h.ended || h.final {
+		return false
+	}
+	l := h.lease
+	if !l.Leased() {
 		return true
 	}
-	return s.now().Before(cred.Lease.Issued.Add(cred.Lease.TTL * 2 / 3))
+	return now.Before(l.Issued.Add(l.TTL * 2 / 3))
+}
+
+// valid reports whether h still works at all (for serving while the
+// source is down): not ended and not within a safety margin of expiry.
+func (s *Store) valid(h *held, now time.Time) bool {
+	if h.ended {
+		return false
+	}
+	l := h.lease
+	if !l.Leased() {
+		return true
+	}
+	return now.Before(l.Expiry().Add(-expiryMargin(l.TTL)))
+}
+
+// expiryMargin is how long before expiry sessions are ended: long enough to
+// close them cleanly, short against the TTL.
+func expiryMargin(ttl time.Duration) time.Duration {
+	return min(max(ttl/20, 500*time.Millisecond), 5*time.Second, ttl/4)
+}
+
+// startFetch starts a fetch in the background, owned by the Store; e.mu is
+// held. It returns the channel closed when the fetch ends.
+func (s *Store) startFetch(e *entry) chan struct{} {
+	done := make(chan struct{})
+	e.inflight = done
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		defer close(done)
+		s.fetch(e)
+	}()
+	return done
+}
+
+// fetch reads a new credential, retrying with backoff within FetchTimeout,
+// and installs it for new sessions.
+func (s *Store) fetch(e *entry) {
+	ctx, cancel := context.WithTimeout(s.ctx, s.opts.FetchTimeout)
+	defer cancel()
+	start := s.now()
+	var cred *Credential
+	var err error
+	for wait := 100 * time.Millisecond; ; wait = min(2*wait, time.Second) {
+		cred, err = e.src.Fetch(ctx)
+		if err == nil || ctx.Err() != nil {
+			break
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+		}
+		t.Stop()
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	if err == nil && cred == nil {
+		err = errors.New("source returned no credential")
+	}
+	if o := s.opts.Observer; o != nil {
+		o.Fetched(e.name, s.now().Sub(start), err)
+	}
+
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.inflight = nil
+	now := s.now()
+	if err != nil {
+		e.lastErr = err
+		e.failures++
+		// 1s, 2s, 4s, capped at 10s: a recovered source is used again soon.
+		e.retryAt = now.Add(min(time.Second<<min(e.failures-1, 4), 10*time.Second))
+		if e.current != nil && !e.current.cred.Lease.Leased() {
+			// A KV re-read failed: keep the last good value.
+			e.fetched = now
+		}
+		s.log.Warn("credential fetch failed", zap.String("credential", e.name), zap.Int("failures", e.failures), zap.Error(err))
+		return
+	}
+	e.lastErr, e.failures, e.retryAt = nil, 0, time.Time{}
+	if cred.Lease.Leased() && cred.Lease.Issued.IsZero() {
+		cred.Lease.Issued = now
+	}
+	h := &held{cred: cred, lease: cred.Lease, users: make(map[*Handle]struct{}), wake: make(chan struct{}, 1)}
+	old := e.current
+	e.current, e.fetched = h, now
+	if old != nil && old.cred.Lease.Leased() {
+		s.log.Info("credential rotated", zap.String("credential", e.name),
+			zap.String("old_lease_sha256", old.lease.IDHash()), zap.String("lease_sha256", h.lease.IDHash()))
+		if o := s.opts.Observer; o != nil {
+			o.Rotated(e.name, nil)
+		}
+		old.signal()
+	}
+	if h.lease.Leased() {
+		e.all[h] = struct{}{}
+		s.observeLeases(e)
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			s.maintain(e, h)
+		}()
+	}
+}
+
+func (s *Store) observeLeases(e *entry) {
+	if o := s.opts.Observer; o != nil {
+		o.LeasesActive(e.name, len(e.all))
+	}
+}
+
+// maintain runs a leased credential's life: renew it while sessions use
+// it; once it is stale (unused past two thirds of its TTL) keep it only as a
+// fallback until a replacement is fetched; revoke it once replaced and
+// unused; and end its sessions just before it expires for good.
+func (s *Store) maintain(e *entry, h *held) {
+	log := s.log.With(zap.String("credential", e.name), zap.String("lease_sha256", h.lease.IDHash()))
+	increment := h.lease.TTL
+	retry := 500 * time.Millisecond
+	for {
+		e.mu.Lock()
+		l, final, users := h.lease, h.final, len(h.users)
+		isCurrent := e.current == h
+		e.mu.Unlock()
+		now := s.now()
+		renewAt := l.Issued.Add(l.TTL * 2 / 3)
+		endAt := l.Expiry().Add(-expiryMargin(l.TTL))
+
+		switch {
+		case users == 0 && !isCurrent:
+			s.end(e, h, "unused", s.opts.RevokeUnused)
+			return
+		case !now.Before(endAt):
+			if users > 0 {
+				log.Warn("credential lease ends; closing its sessions", zap.Int("sessions", users))
+			}
+			s.end(e, h, "expired", s.opts.RevokeUnused)
+			return
+		case users > 0 && !final && !now.Before(renewAt):
+			if !l.Renewable || e.leaser == nil {
+				s.markFinal(e, h)
+				continue
+			}
+			ctx, cancel := context.WithTimeout(s.ctx, s.opts.FetchTimeout)
+			nl, err := e.leaser.Renew(ctx, l, increment)
+			cancel()
+			if o := s.opts.Observer; o != nil {
+				o.Renewed(e.name, err)
+			}
+			if err != nil {
+				log.Warn("lease renewal failed; will retry", zap.Error(err), zap.Duration("retry_in", retry))
+				wakeAt := now.Add(retry)
+				if wakeAt.After(endAt) {
+					wakeAt = endAt
+				}
+				retry = min(2*retry, 10*time.Second)
+				if !s.sleepUntil(wakeAt, nil) {
+					s.end(e, h, "shutdown", false)
+					return
+				}
+				continue
+			}
+			retry = 500 * time.Millisecond
+			e.mu.Lock()
+			h.lease = nl
+			e.mu.Unlock()
+			log.Debug("lease renewed", zap.Duration("ttl", nl.TTL))
+			if nl.TTL < increment || !nl.Renewable {
+				// Vault capped the renewal at the lease's max TTL: this is the
+				// last extension. New sessions get a fresh credential now.
+				log.Info("lease reached its max TTL; rotating for new sessions", zap.Duration("ttl_left", nl.TTL))
+				s.markFinal(e, h)
+			}
+			continue
+		}
+		next := endAt
+		if users > 0 && !final {
+			next = renewAt
+		}
+		if !s.sleepUntil(next, h.wake) {
+			s.end(e, h, "shutdown", false) // Close revokes, if configured
+			return
+		}
+	}
+}
+
+func (s *Store) markFinal(e *entry, h *held) {
+	e.mu.Lock()
+	h.final = true
+	e.mu.Unlock()
+}
+
+// sleepUntil waits until t, a signal on wake, or Close; false on Close.
+func (s *Store) sleepUntil(t time.Time, wake <-chan struct{}) bool {
+	d := t.Sub(s.now())
+	if d < 0 {
+		d = 0
+	}
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	select {
+	case <-timer.C:
+		return true
+	case <-wake:
+		return true
+	case <-s.ctx.Done():
+		return false
+	}
+}
+
+// end retires h: new sessions no longer get it, its sessions are told to
+// end, and its lease is revoked when revoke is set.
+func (s *Store) end(e *entry, h *held, why string, revoke bool) {
+	e.mu.Lock()
+	if h.ended {
+		e.mu.Unlock()
+		return
+	}
+	h.ended = true
+	var notify []func()
+	for hd := range h.users {
+		if f := hd.onEnd; f != nil {
+			hd.onEnd = nil
+			notify = append(notify, f)
+		}
+	}
+	if e.current == h {
+		e.current = nil
+	}
+	if why != "shutdown" {
+		delete(e.all, h)
+	}
+	l := h.lease
+	s.observeLeases(e)
+	e.mu.Unlock()
+	for _, f := range notify {
+		f()
+	}
+	if !revoke || e.leaser == nil || why == "shutdown" {
+		return
+	}
+	ctx, cancel := context.WithTimeout(s.ctx, s.opts.FetchTimeout)
+	defer cancel()
+	if err := e.leaser.Revoke(ctx, l); err != nil {
+		s.log.Warn("lease revocation failed", zap.String("credential", e.name), zap.String("lease_sha256", l.IDHash()), zap.Error(err))
+		return
+	}
+	s.log.Info("lease revoked", zap.String("credential", e.name), zap.String("lease_sha256", l.IDHash()), zap.String("reason", why))
+}
+
+// Ready reports, per credential, whether a fetch has failed most recently;
+// the map is empty when every source is serving.
+func (s *Store) Ready() map[string]error {
+	out := make(map[string]error)
+	for name, e := range s.entries {
+		e.mu.Lock()
+		if e.lastErr != nil && (e.current == nil || !s.valid(e.current, s.now())) {
+			out[name] = e.lastErr
+		}
+		e.mu.Unlock()
+	}
+	return out
+}
+
+// Warm fetches every credential once, concurrently, so the first sessions
+// do not wait and readiness reflects the sources. It returns the failures
+// by name.
+func (s *Store) Warm(ctx context.Context) map[string]error {
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	out := make(map[string]error)
+	for name := range s.entries {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			h, err := s.Acquire(ctx, name)
+			if err != nil {
+				mu.Lock()
+				out[name] = err
+				mu.Unlock()
+				return
+			}
+			h.Release()
+		}()
+	}
+	wg.Wait()
+	return out
+}
+
+// Close stops renewals and background fetches and, with RevokeOnClose,
+// revokes every lease the Store still holds. Sessions should be closed
+// first. It is safe to call once.
+func (s *Store) Close(ctx context.Context) {
+	s.cancel()
+	s.wg.Wait()
+	if !s.opts.RevokeOnClose {
+		return
+	}
+	for _, e := range s.entries {
+		if e.leaser == nil {
+			continue
+		}
+		e.mu.Lock()
+		var leases []Lease
+		for h := range e.all {
+			leases = append(leases, h.lease)
+		}
+		e.all = make(map[*held]struct{})
+		e.mu.Unlock()
+		for _, l := range leases {
+			rctx, cancel := context.WithTimeout(ctx, s.opts.FetchTimeout)
+			err := e.leaser.Revoke(rctx, l)
+			cancel()
+			if err != nil {
+				s.log.Warn("lease revocation at shutdown failed", zap.String("credential", e.name), zap.String("lease_sha256", l.IDHash()), zap.Error(err))
+				continue
+			}
+			s.log.Info("lease revoked", zap.String("credential", e.name), zap.String("lease_sha256", l.IDHash()), zap.String("reason", "shutdown"))
+		}
+	}
 }

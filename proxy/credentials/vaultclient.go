@@ -32,9 +32,9 @@ type VaultClient struct {
 	lastErr  error
 	epoch    int // counts logins, so concurrent 403s cause one re-login
 
-	stop context.CancelFunc
-	ctx  context.Context
-	wg   sync.WaitGroup
+	stop    context.CancelFunc
+	ctx     context.Context
+	wg      sync.WaitGroup
 	kick    chan struct{} // asks the token loop to log in again
 	changed chan struct{} // closed (and replaced) when a login attempt ends
 }

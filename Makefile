@@ -1,0 +1,78 @@
+# credproxy. `make` builds bin/credproxy; `make help` lists the targets.
+
+SHELL       := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := build
+
+GO          ?= go
+VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS     := -X main.version=$(VERSION)
+FUZZTIME    ?= 10s
+# staticcheck 2026.2.2; the release that supports the Go version in go.mod.
+STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
+
+# Go files to format-check: everything but VCS data, scratch and test data.
+GOFILES = $(shell find . -name '*.go' -not -path './.git/*' -not -path './.tmp/*' -not -path '*/testdata/*' -not -path './vendor/*')
+
+.PHONY: build test test-short fuzz integration lint lint-fmt lint-vet lint-staticcheck lint-tidy bench demo clean help
+
+build: ## bin/credproxy, versioned by git describe
+	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/credproxy ./cmd/credproxy
+
+test: ## deps, go vet, every test with -race, then a short run of every fuzz target
+	bash scripts/deps.sh
+	$(GO) vet ./...
+	$(GO) test -race -count=1 -timeout 20m ./...
+	$(MAKE) --no-print-directory fuzz
+
+# Every `func FuzzXxx(f *testing.F)` in a _test.go file, found anew each run,
+# fuzzed for FUZZTIME. Crashers land in the package's testdata/fuzz.
+fuzz: ## FUZZTIME (10s) of every Fuzz* target in the repo
+	@found=0; \
+	for file in $$(grep -rlE --include='*_test.go' --exclude-dir=.git --exclude-dir=.tmp \
+			--exclude-dir=testdata --exclude-dir=vendor '^func Fuzz[A-Za-z0-9_]*\(' . | sort); do \
+		pkg=$$(dirname "$$file"); \
+		for name in $$(sed -nE 's/^func (Fuzz[A-Za-z0-9_]*)\([A-Za-z_][A-Za-z0-9_]* \*testing\.F\).*/\1/p' "$$file"); do \
+			found=$$((found + 1)); \
+			echo "fuzz: $$pkg $$name for $(FUZZTIME)"; \
+			$(GO) test -run='^$$' -fuzz="^$$name\$$" -fuzztime=$(FUZZTIME) "$$pkg"; \
+		done; \
+	done; \
+	echo "fuzz: $$found targets fuzzed"
+
+test-short: ## quick unit tests
+	$(GO) test -short ./...
+
+integration: ## end-to-end tests against real daemons
+	bash scripts/deps.sh
+	$(GO) test -race -count=1 ./integration/...
+
+# `make -k lint` reports every check's findings, not only the first.
+lint: lint-fmt lint-vet lint-staticcheck lint-tidy ## gofmt, go vet, staticcheck, go.mod tidy
+
+lint-fmt:
+	@out=$$(gofmt -l $(GOFILES)); \
+	if [[ -n $$out ]]; then echo "gofmt -l: these files need gofmt -w:"; echo "$$out"; exit 1; fi
+
+lint-vet:
+	$(GO) vet ./...
+
+lint-staticcheck:
+	$(GO) run $(STATICCHECK) ./...
+
+# go mod tidy, then fail on any change to go.mod or go.sum: -diff does both
+# without writing, so it works on a work tree with uncommitted edits.
+lint-tidy:
+	$(GO) mod tidy -diff
+
+bench: ## direct vs credproxy vs PgBouncer (BENCH_SECONDS, default 20)
+	bash scripts/bench.sh
+
+demo: ## credproxy end to end on a throwaway PostgreSQL
+	bash scripts/demo.sh
+
+clean: ## remove build output
+	rm -rf bin .tmp
+
+help: ## this list
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  \1\t/' | expand -t 16
