@@ -37,6 +37,7 @@ type Options struct {
 	AuditQueries bool
 	Cancels      *CancelRegistry
 	Logger       *zap.Logger
+	Observer     Observer // nil: no metrics
 }
 
 // Handler serves app connections for one configured Postgres service.
@@ -47,6 +48,7 @@ type Handler struct {
 	auditQueries bool
 	cancels      *CancelRegistry
 	log          *zap.Logger
+	obs          Observer
 
 	tls       *tls.Config // to the upstream; nil for mode disable
 	clientTLS *tls.Config // offered to apps; nil when not configured
@@ -63,7 +65,11 @@ func NewHandler(o Options) (*Handler, error) {
 		auditQueries: o.AuditQueries,
 		cancels:      o.Cancels,
 		log:          o.Logger,
+		obs:          o.Observer,
 		keepAlive:    30 * time.Second,
+	}
+	if h.obs == nil {
+		h.obs = nopObserver{}
 	}
 	if h.audit == nil {
 		h.audit = audit.Discard{}
@@ -108,6 +114,7 @@ type session struct {
 	rd     *bufio.Reader
 
 	clientInfo       audit.Client
+	started          bool // handed over to the app: SessionEnded is owed
 	database, dbUser string
 	// term ends the established session with a FATAL (lease end).
 	term atomic.Pointer[terminator]
@@ -181,6 +188,8 @@ func (s *session) run(ctx context.Context) error {
 		rec.Lease = &audit.Lease{IDSHA256: l.IDHash(), TTLSecs: int64(time.Until(l.Expiry()).Seconds())}
 	}
 	h.audit.Record(rec)
+	s.started = true
+	h.obs.SessionStarted(h.cfg.Name)
 	s.log.Info("session started", zap.String("upstream", h.cfg.Upstream),
 		zap.String("database", s.database), zap.String("db_user", s.dbUser), zap.String("credential", handle.Name))
 
@@ -201,9 +210,11 @@ func (s *session) login(ctx context.Context, params map[string]string) (*credent
 		s.dbUser = user.Reveal()
 		params["user"] = s.dbUser
 		upCtx, cancel := context.WithTimeout(ctx, s.h.cfg.ConnectTimeout.D())
+		start := time.Now()
 		up, err := s.connect(upCtx, password, params)
 		cancel()
 		if err == nil {
+			s.h.obs.UpstreamConnected(s.h.cfg.Name, time.Since(start))
 			return handle, up, nil
 		}
 		handle.Release()
@@ -299,6 +310,7 @@ func (s *session) deny(err error, out []byte) error {
 	rec.Database = s.database
 	rec.DBUser = s.dbUser
 	s.h.audit.Record(rec)
+	s.h.obs.Denied(s.h.cfg.Name, reasonKind(reason))
 	s.log.Warn("session denied", zap.String("reason", reason), zap.String("sqlstate", resp.Code), zap.String("error", resp.Message))
 	return err
 }
@@ -338,6 +350,13 @@ func (s *session) end(err error) error {
 		rec.SQLState = te.resp.Code
 	}
 	s.h.audit.Record(rec)
+	if s.started {
+		result := "ok"
+		if err != nil {
+			result = "error"
+		}
+		s.h.obs.SessionEnded(s.h.cfg.Name, result, dur, *rec.BytesIn, *rec.BytesOut)
+	}
 	s.log.Info("session ended", zap.Int64("bytes_in", *rec.BytesIn), zap.Int64("bytes_out", *rec.BytesOut),
 		zap.Duration("duration", dur), zap.String("error", msg))
 	return err

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -72,10 +73,16 @@ type Options struct {
 // When the source fails, sessions keep getting a cached credential while it
 // is valid; otherwise they fail at once until a retry (with backoff) is due.
 type Store struct {
-	now     func() time.Time
-	opts    Options
-	log     *zap.Logger
-	entries map[string]*entry
+	now  func() time.Time
+	opts Options
+	log  *zap.Logger
+	// entries is replaced whole by Update (copy on write), so Acquire reads
+	// it without a lock.
+	entries atomic.Pointer[map[string]*entry]
+	// retired holds entries removed by Update whose leases still need
+	// revoking at Close.
+	mu      sync.Mutex
+	retired []*entry
 
 	ctx    context.Context // ends background work at Close
 	cancel context.CancelFunc
@@ -90,18 +97,72 @@ func NewStore(sources map[string]Source, opts Options) *Store {
 	if opts.Logger == nil {
 		opts.Logger = zap.NewNop()
 	}
-	s := &Store{now: time.Now, opts: opts, log: opts.Logger.Named("credentials"),
-		entries: make(map[string]*entry, len(sources))}
+	s := &Store{now: time.Now, opts: opts, log: opts.Logger.Named("credentials")}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
+	entries := make(map[string]*entry, len(sources))
 	for name, src := range sources {
-		e := &entry{name: name, src: src, all: make(map[*held]struct{})}
-		e.leaser, _ = src.(Leaser)
-		if r, ok := src.(Refresher); ok {
-			e.refresh = r.RefreshInterval()
-		}
-		s.entries[name] = e
+		e := &entry{name: name, all: make(map[*held]struct{})}
+		e.setSource(src)
+		entries[name] = e
 	}
+	s.entries.Store(&entries)
 	return s
+}
+
+// setSource installs src; e.mu is held or e is not shared yet.
+func (e *entry) setSource(src Source) {
+	e.src = src
+	e.leaser, _ = src.(Leaser)
+	e.refresh = 0
+	if r, ok := src.(Refresher); ok {
+		e.refresh = r.RefreshInterval()
+	}
+}
+
+func (s *Store) entryMap() map[string]*entry { return *s.entries.Load() }
+
+// Update applies a reloaded config: names not in sources are removed, new
+// names added, and the names in changed get their new source. Sessions
+// already open keep the credential they have (and its lease lifecycle);
+// new sessions get one from the new source.
+func (s *Store) Update(sources map[string]Source, changed map[string]bool) {
+	old := s.entryMap()
+	next := make(map[string]*entry, len(sources))
+	for name, src := range sources {
+		e, ok := old[name]
+		if !ok {
+			e = &entry{name: name, all: make(map[*held]struct{})}
+			e.setSource(src)
+			next[name] = e
+			continue
+		}
+		if changed[name] {
+			e.mu.Lock()
+			e.setSource(src)
+			if cur := e.current; cur != nil {
+				e.current = nil
+				cur.signal()
+			}
+			e.lastErr, e.failures, e.retryAt = nil, 0, time.Time{}
+			e.mu.Unlock()
+			s.log.Info("credential source changed; new sessions use the new one", zap.String("credential", name))
+		}
+		next[name] = e
+	}
+	s.mu.Lock()
+	for name, e := range old {
+		if _, ok := next[name]; !ok {
+			e.mu.Lock()
+			if cur := e.current; cur != nil {
+				e.current = nil
+				cur.signal()
+			}
+			e.mu.Unlock()
+			s.retired = append(s.retired, e)
+		}
+	}
+	s.mu.Unlock()
+	s.entries.Store(&next)
 }
 
 type entry struct {
@@ -196,7 +257,7 @@ func (h *Handle) Invalidate() {
 // Acquire returns a credential for a new session. Errors are
 // *UnavailableError, whose text may be shown to the client.
 func (s *Store) Acquire(ctx context.Context, name string) (*Handle, error) {
-	e, ok := s.entries[name]
+	e, ok := s.entryMap()[name]
 	if !ok {
 		return nil, &UnavailableError{Name: name, Err: ErrUnknown}
 	}
@@ -524,7 +585,7 @@ func (s *Store) end(e *entry, h *held, why string, revoke bool) {
 // the map is empty when every source is serving.
 func (s *Store) Ready() map[string]error {
 	out := make(map[string]error)
-	for name, e := range s.entries {
+	for name, e := range s.entryMap() {
 		e.mu.Lock()
 		if e.lastErr != nil && (e.current == nil || !s.valid(e.current, s.now())) {
 			out[name] = e.lastErr
@@ -541,7 +602,7 @@ func (s *Store) Warm(ctx context.Context) map[string]error {
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	out := make(map[string]error)
-	for name := range s.entries {
+	for name := range s.entryMap() {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -568,7 +629,13 @@ func (s *Store) Close(ctx context.Context) {
 	if !s.opts.RevokeOnClose {
 		return
 	}
-	for _, e := range s.entries {
+	s.mu.Lock()
+	all := append([]*entry(nil), s.retired...)
+	s.mu.Unlock()
+	for _, e := range s.entryMap() {
+		all = append(all, e)
+	}
+	for _, e := range all {
 		if e.leaser == nil {
 			continue
 		}

@@ -73,7 +73,7 @@ func newTestStore(t *testing.T, sources map[string]Source, opts Options) *Store 
 // users is how many sessions hold the entry's current credential.
 func users(t *testing.T, s *Store, name string) int {
 	t.Helper()
-	e := s.entries[name]
+	e := s.entryMap()[name]
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.current == nil {

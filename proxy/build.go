@@ -1,0 +1,143 @@
+package proxy
+
+import (
+	"context"
+	"fmt"
+	"reflect"
+
+	"go.uber.org/zap"
+
+	"github.com/credproxy/credproxy/config"
+	"github.com/credproxy/credproxy/protocols/postgres"
+	"github.com/credproxy/credproxy/proxy/audit"
+	"github.com/credproxy/credproxy/proxy/credentials"
+)
+
+// built is everything made from one config before any of it is used, so a
+// config that fails half-way changes nothing.
+type built struct {
+	cfg      *config.Config
+	vault    *credentials.VaultClient // the client to use (new or kept)
+	newVault bool
+	sources  map[string]credentials.Source
+	audit    audit.Sink
+	writer   *audit.Writer // a newly opened audit file, if any
+	svcs     []svc
+}
+
+// build makes the parts of cfg that can fail. Parts whose settings did not
+// change from the running config are reused (the Vault client, the audit
+// file).
+func (s *Server) build(cfg *config.Config) (b *built, err error) {
+	b = &built{cfg: cfg}
+	defer func() {
+		if err != nil {
+			b.discard()
+		}
+	}()
+	old := s.cfg
+	switch {
+	case cfg.Vault == nil:
+	case old != nil && reflect.DeepEqual(old.Vault, cfg.Vault) && s.vault != nil:
+		b.vault = s.vault
+	default:
+		if b.vault, err = credentials.NewVaultClient(*cfg.Vault, s.log); err != nil {
+			return b, err
+		}
+		b.newVault = true
+	}
+	if b.sources, err = BuildSources(cfg.Secrets, b.vault); err != nil {
+		return b, err
+	}
+
+	switch {
+	case cfg.Audit.Path == "":
+		b.audit = audit.Discard{}
+	case old != nil && old.Audit.Path == cfg.Audit.Path:
+		b.audit = s.audit.current()
+	default:
+		alog := s.log.Named("audit")
+		if b.writer, err = audit.Open(cfg.Audit.Path, func(err error) { alog.Error("audit write failed", zap.Error(err)) }); err != nil {
+			return b, err
+		}
+		b.audit = b.writer
+	}
+
+	for _, pc := range cfg.Postgres {
+		h, err := postgres.NewHandler(postgres.Options{
+			Service:      pc,
+			Credentials:  s.storeFor(),
+			Audit:        s.audit,
+			AuditQueries: cfg.Audit.Queries,
+			Cancels:      s.cancels,
+			Logger:       s.log.Named("postgres").With(zap.String("service", pc.Name)),
+			Observer:     postgresObserver{s.metrics},
+		})
+		if err != nil {
+			return b, err
+		}
+		spec := struct {
+			config.Postgres
+			AuditQueries bool
+		}{pc, cfg.Audit.Queries}
+		b.svcs = append(b.svcs, svc{name: pc.Name, listen: pc.Listen, spec: spec, handler: h})
+	}
+	return b, nil
+}
+
+// discard releases what a rejected build opened.
+func (b *built) discard() {
+	if b.newVault && b.vault != nil {
+		b.vault.Close()
+	}
+	if b.writer != nil {
+		_ = b.writer.Close()
+	}
+}
+
+// commit makes b the running config's parts (not its listeners).
+func (s *Server) commit(b *built) {
+	s.cfg, s.svcs, s.sources = b.cfg, b.svcs, b.sources
+	if b.newVault {
+		s.vaults = append(s.vaults, b.vault)
+	}
+	s.vault = b.vault
+	if b.writer != nil {
+		s.audits = append(s.audits, b.writer)
+	}
+	s.audit.set(b.audit)
+}
+
+// storeFor hands handlers the store, which New creates after the first
+// build: the handlers only use it once sessions arrive.
+func (s *Server) storeFor() postgres.Credentials { return lazyStore{s} }
+
+type lazyStore struct{ s *Server }
+
+func (l lazyStore) Acquire(ctx context.Context, name string) (*credentials.Handle, error) {
+	return l.s.store.Acquire(ctx, name)
+}
+
+// BuildSources creates a credential source per configured secret; vault is
+// the client for vault sources (nil when none is configured).
+func BuildSources(secrets map[string]config.Secret, vault *credentials.VaultClient) (map[string]credentials.Source, error) {
+	out := make(map[string]credentials.Source, len(secrets))
+	for name, sc := range secrets {
+		switch {
+		case sc.Static != nil:
+			src, err := credentials.NewStatic(sc.Static)
+			if err != nil {
+				return nil, fmt.Errorf("secrets.%s.static: %w", name, err)
+			}
+			out[name] = src
+		case sc.Env != nil:
+			out[name] = credentials.NewEnv(sc.Env)
+		case sc.Vault != nil:
+			if vault == nil {
+				return nil, fmt.Errorf("secrets.%s.vault: no vault block configured", name)
+			}
+			out[name] = credentials.NewVault(vault, *sc.Vault)
+		}
+	}
+	return out, nil
+}

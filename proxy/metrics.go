@@ -1,0 +1,150 @@
+package proxy
+
+import (
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// Metrics are credproxy's Prometheus metrics. The names are an interface:
+// the dashboard and alert rules in deploy/monitoring use them. Labels are
+// bounded: service, route and credential names from the config, and fixed
+// kinds and results; never an error string, a user name or an address.
+type Metrics struct {
+	Registry *prometheus.Registry
+
+	sessionsActive   *prometheus.GaugeVec
+	sessionsTotal    *prometheus.CounterVec
+	sessionDuration  *prometheus.HistogramVec
+	bytesTotal       *prometheus.CounterVec
+	upstreamConnect  *prometheus.HistogramVec
+	authFailures     *prometheus.CounterVec
+	credentialFetch  *prometheus.HistogramVec
+	credentialErrors *prometheus.CounterVec
+	leasesActive     *prometheus.GaugeVec
+	leaseRenewals    *prometheus.CounterVec
+	rotations        *prometheus.CounterVec
+	httpRequests     *prometheus.CounterVec
+	configReloads    *prometheus.CounterVec
+	ready            prometheus.Gauge
+}
+
+// NewMetrics registers every metric, with the Go and process collectors, on
+// a registry of its own.
+func NewMetrics() *Metrics {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	f := factory{reg}
+	latency := []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}
+	m := &Metrics{
+		Registry:         reg,
+		sessionsActive:   f.gauge("sessions_active", "Sessions open now.", "protocol", "service"),
+		sessionsTotal:    f.counter("sessions_total", "Sessions by how they ended: ok, error, or denied before they started.", "protocol", "service", "result"),
+		sessionDuration:  f.histogram("session_duration_seconds", "How long sessions lasted.", prometheus.ExponentialBuckets(0.01, 4, 10), "protocol", "service"),
+		bytesTotal:       f.counter("bytes_total", "Bytes relayed; in is from the app, out is to the app.", "protocol", "service", "direction"),
+		upstreamConnect:  f.histogram("upstream_connect_seconds", "Upstream dial, TLS and login time.", latency, "protocol", "service"),
+		authFailures:     f.counter("auth_failures_total", "Sessions refused, by kind.", "protocol", "service", "kind"),
+		credentialFetch:  f.histogram("credential_fetch_seconds", "Time to fetch a credential from its source, retries included.", latency, "credential"),
+		credentialErrors: f.counter("credential_fetch_errors_total", "Failed credential fetches.", "credential", "kind"),
+		leasesActive:     f.gauge("leases_active", "Leases credproxy holds.", "credential"),
+		leaseRenewals:    f.counter("lease_renewals_total", "Lease renewals by result.", "credential", "result"),
+		rotations:        f.counter("rotations_total", "Credentials replaced for new sessions.", "credential", "result"),
+		httpRequests:     f.counter("http_requests_total", "HTTP proxy requests by route, status code and whether a credential was injected.", "route", "code", "injected"),
+		configReloads:    f.counter("config_reloads_total", "Config reloads by result.", "result"),
+	}
+	m.ready = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: "credproxy", Name: "ready", Help: "1 when /readyz answers 200."})
+	reg.MustRegister(m.ready)
+	return m
+}
+
+type factory struct{ reg *prometheus.Registry }
+
+func (f factory) gauge(name, help string, labels ...string) *prometheus.GaugeVec {
+	v := prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: "credproxy", Name: name, Help: help}, labels)
+	f.reg.MustRegister(v)
+	return v
+}
+
+func (f factory) counter(name, help string, labels ...string) *prometheus.CounterVec {
+	v := prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "credproxy", Name: name, Help: help}, labels)
+	f.reg.MustRegister(v)
+	return v
+}
+
+func (f factory) histogram(name, help string, buckets []float64, labels ...string) *prometheus.HistogramVec {
+	v := prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: "credproxy", Name: name, Help: help, Buckets: buckets}, labels)
+	f.reg.MustRegister(v)
+	return v
+}
+
+func result(err error) string {
+	if err != nil {
+		return "error"
+	}
+	return "ok"
+}
+
+// postgresObserver adapts Metrics to protocols/postgres.Observer.
+type postgresObserver struct{ m *Metrics }
+
+func (o postgresObserver) SessionStarted(service string) {
+	o.m.sessionsActive.WithLabelValues("postgres", service).Inc()
+}
+
+func (o postgresObserver) SessionEnded(service, res string, d time.Duration, in, out int64) {
+	o.m.sessionsActive.WithLabelValues("postgres", service).Dec()
+	o.m.sessionsTotal.WithLabelValues("postgres", service, res).Inc()
+	o.m.sessionDuration.WithLabelValues("postgres", service).Observe(d.Seconds())
+	o.m.bytesTotal.WithLabelValues("postgres", service, "in").Add(float64(in))
+	o.m.bytesTotal.WithLabelValues("postgres", service, "out").Add(float64(out))
+}
+
+func (o postgresObserver) Denied(service, kind string) {
+	o.m.sessionsTotal.WithLabelValues("postgres", service, "denied").Inc()
+	o.m.authFailures.WithLabelValues("postgres", service, kind).Inc()
+}
+
+func (o postgresObserver) UpstreamConnected(service string, d time.Duration) {
+	o.m.upstreamConnect.WithLabelValues("postgres", service).Observe(d.Seconds())
+}
+
+// credentialObserver adapts Metrics to credentials.Observer.
+type credentialObserver struct{ m *Metrics }
+
+func (o credentialObserver) Fetched(name string, d time.Duration, err error) {
+	o.m.credentialFetch.WithLabelValues(name).Observe(d.Seconds())
+	if err != nil {
+		o.m.credentialErrors.WithLabelValues(name, errorKind(err)).Inc()
+	}
+}
+
+func (o credentialObserver) Renewed(name string, err error) {
+	o.m.leaseRenewals.WithLabelValues(name, result(err)).Inc()
+}
+
+func (o credentialObserver) Rotated(name string, err error) {
+	o.m.rotations.WithLabelValues(name, result(err)).Inc()
+}
+
+func (o credentialObserver) LeasesActive(name string, n int) {
+	o.m.leasesActive.WithLabelValues(name).Set(float64(n))
+}
+
+// errorKind classifies a fetch error into a fixed label value.
+func errorKind(err error) string {
+	switch msg := err.Error(); {
+	case strings.Contains(msg, "unreachable"):
+		return "unreachable"
+	case strings.Contains(msg, "deadline exceeded"), strings.Contains(msg, "timeout"):
+		return "timeout"
+	case strings.Contains(msg, "403"), strings.Contains(msg, "permission denied"):
+		return "permission_denied"
+	case strings.Contains(msg, "login"):
+		return "login"
+	case strings.Contains(msg, "no secret at this path"), strings.Contains(msg, "404"):
+		return "not_found"
+	}
+	return "other"
+}

@@ -1,0 +1,175 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"reflect"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/credproxy/credproxy/config"
+	"github.com/credproxy/credproxy/proxy/credentials"
+)
+
+// Reload applies a new config to the running server:
+//   - a listener whose service settings did not change keeps serving, its
+//     open sessions untouched;
+//   - a changed service keeps its listener; new sessions use the new
+//     settings, open sessions carry on with the old;
+//   - a removed listener stops accepting, and its open sessions are closed
+//     after shutdown_grace;
+//   - secrets whose settings or static file contents changed are re-read for
+//     new sessions.
+//
+// A config that cannot be applied (a bind fails, a file cannot be read) is
+// rejected as a whole and the old one keeps serving. admin.listen changes
+// need a restart.
+func (s *Server) Reload(cfg *config.Config) error {
+	s.reloadMu.Lock()
+	defer s.reloadMu.Unlock()
+	err := s.reload(cfg)
+	s.metrics.configReloads.WithLabelValues(result(err)).Inc()
+	if err != nil {
+		s.log.Error("config reload rejected; the running config keeps serving", zap.Error(err))
+		return err
+	}
+	return nil
+}
+
+func (s *Server) reload(cfg *config.Config) error {
+	s.mu.Lock()
+	stopped := s.draining || !s.started
+	s.mu.Unlock()
+	if stopped {
+		return errors.New("not running")
+	}
+	if !reflect.DeepEqual(s.cfg.Admin, cfg.Admin) {
+		s.log.Warn("admin settings changed; they take effect at the next restart")
+	}
+
+	// Everything that can fail comes first.
+	b, err := s.build(cfg)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	current := s.listeners
+	s.mu.Unlock()
+	var added []*listener
+	want := make(map[string]svc, len(b.svcs))
+	for _, sv := range b.svcs {
+		want[sv.key()] = sv
+		if _, ok := current[sv.key()]; ok {
+			continue
+		}
+		l, err := s.bind(sv)
+		if err != nil {
+			for _, a := range added {
+				a.ln.Close()
+			}
+			b.discard()
+			return fmt.Errorf("%s: %w", sv.name, err)
+		}
+		added = append(added, l)
+	}
+	changedSecrets := s.changedSecrets(cfg, b.sources)
+
+	// Commit.
+	s.store.Update(b.sources, changedSecrets)
+	s.commit(b)
+	var kept, changed, removed int
+	s.mu.Lock()
+	for key, l := range current {
+		sv, ok := want[key]
+		switch {
+		case !ok:
+			delete(s.listeners, key)
+			s.retire(l, cfg.ShutdownGrace.D())
+			removed++
+		case reflect.DeepEqual(l.spec, sv.spec):
+			kept++
+		default:
+			l.name, l.spec = sv.name, sv.spec
+			l.handler.Store(&handlerRef{sv.handler})
+			changed++
+		}
+	}
+	for _, l := range added {
+		s.listeners[l.key] = l
+		s.serve(l)
+	}
+	s.mu.Unlock()
+	s.log.Info("config reloaded", zap.Int("listeners_kept", kept), zap.Int("listeners_changed", changed),
+		zap.Int("listeners_added", len(added)), zap.Int("listeners_removed", removed),
+		zap.Int("secrets_changed", len(changedSecrets)))
+	return nil
+}
+
+// retire stops a removed listener: no new sessions, and the open ones are
+// closed once grace has passed (or at shutdown). s.mu is held.
+func (s *Server) retire(l *listener, grace time.Duration) {
+	l.ln.Close()
+	s.log.Info("listener removed; open sessions close after the grace period",
+		zap.String("service", l.name), zap.String("listen", l.addr), zap.Duration("grace", grace))
+	s.bg.Add(1)
+	go func() {
+		defer s.bg.Done()
+		<-l.done
+		t := time.NewTimer(grace)
+		defer t.Stop()
+		select {
+		case <-t.C:
+		case <-s.sessCtx.Done():
+		}
+		l.cancel()
+	}()
+}
+
+// changedSecrets names the secrets whose new source differs from the
+// running one: a different config, a different Vault client, or (static
+// and env) different values, such as a rotated password_file.
+func (s *Server) changedSecrets(cfg *config.Config, next map[string]credentials.Source) map[string]bool {
+	out := make(map[string]bool)
+	for name, src := range next {
+		old, ok := s.sources[name]
+		if !ok {
+			continue // new names are simply added
+		}
+		oldCfg, newCfg := s.cfg.Secrets[name], cfg.Secrets[name]
+		switch {
+		case !reflect.DeepEqual(oldCfg, newCfg):
+			out[name] = true
+		case newCfg.Vault != nil:
+			if !reflect.DeepEqual(s.cfg.Vault, cfg.Vault) {
+				out[name] = true
+			}
+		default:
+			if !sameValues(old, src) {
+				out[name] = true
+			}
+		}
+	}
+	return out
+}
+
+// sameValues compares what two local (static or env) sources serve.
+func sameValues(a, b credentials.Source) bool {
+	ctx := context.Background() // local sources do no I/O that ctx could bound
+	ca, errA := a.Fetch(ctx)
+	cb, errB := b.Fetch(ctx)
+	if errA != nil || errB != nil {
+		return errA == nil && errB == nil
+	}
+	if len(ca.Fields) != len(cb.Fields) {
+		return false
+	}
+	for k, v := range ca.Fields {
+		w, ok := cb.Fields[k]
+		if !ok || !v.Equal(w) {
+			return false
+		}
+	}
+	return true
+}
