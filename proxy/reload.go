@@ -173,3 +173,25 @@ func sameValues(a, b credentials.Source) bool {
 	}
 	return true
 }
+
+// ReloadFile loads the config at path and applies it. A config that does
+// not load or validate is rejected (logged with every problem, counted in
+// config_reloads_total{result="error"}) and the running one keeps serving.
+func (s *Server) ReloadFile(path string) error {
+	cfg, err := config.Load(path)
+	if err != nil {
+		s.metrics.configReloads.WithLabelValues("error").Inc()
+		for _, line := range config.Lines(err) {
+			s.log.Error("config reload rejected; the running config keeps serving", zap.String("config", path), zap.String("problem", line))
+		}
+		return err
+	}
+	return s.Reload(cfg)
+}
+
+// Config returns the running config.
+func (s *Server) Config() *config.Config {
+	s.reloadMu.Lock()
+	defer s.reloadMu.Unlock()
+	return s.cfg
+}

@@ -7,12 +7,12 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"os"
 	"os/signal"
+	"sync"
 	"syscall"
 
 	"go.uber.org/zap"
@@ -33,14 +33,12 @@ const usage = `usage:
 flags:
   --config FILE       default $CREDPROXY_CONFIG, then ./credproxy.yaml
   --log-level LEVEL   debug | info | warn | error (default info)
+  --watch             (run) reload when the config or a file it names changes
 `
 
 func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
-
-// errUsage marks a command-line mistake (exit 2).
-var errUsage = errors.New("usage")
 
 func run(args []string, stdout, stderr io.Writer) int {
 	cmd := "run"
@@ -64,6 +62,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.SetOutput(io.Discard)
 	cfgPath := fs.String("config", "", "")
 	level := fs.String("log-level", "info", "")
+	watch := fs.Bool("watch", false, "")
 	if err := fs.Parse(args); err != nil || fs.NArg() > 0 {
 		if err == nil {
 			err = fmt.Errorf("unexpected argument %q", fs.Arg(0))
@@ -97,7 +96,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 		return 1
 	}
-	if err := serve(cfg, path, log); err != nil {
+	if err := serve(cfg, path, *watch, log); err != nil {
 		log.Error("credproxy failed", zap.Error(err))
 		return 1
 	}
@@ -127,13 +126,15 @@ func newLogger(level string, w io.Writer) (*zap.Logger, error) {
 }
 
 // serve runs the proxy until SIGTERM or SIGINT, then drains it for
-// shutdown_grace. A second signal stops at once.
-func serve(cfg *config.Config, path string, log *zap.Logger) error {
+// shutdown_grace; a second signal stops at once. SIGHUP (and, with
+// --watch, a change to the config or a file it references) reloads.
+func serve(cfg *config.Config, path string, watch bool, log *zap.Logger) error {
 	srv, err := proxy.New(cfg, log)
 	if err != nil {
 		return err
 	}
 	if err := srv.Start(); err != nil {
+		srv.Close()
 		return err
 	}
 	log.Info("credproxy started", zap.String("version", version), zap.String("config", path))
@@ -141,30 +142,68 @@ func serve(cfg *config.Config, path string, log *zap.Logger) error {
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	defer signal.Stop(sigs)
-	for sig := range sigs {
-		if sig == syscall.SIGHUP {
-			log.Warn("SIGHUP received; live reload is not available in this build, restart to apply config changes")
-			continue
+
+	// Reloads run one at a time on their own goroutine, so a slow one
+	// (binding, a Vault login) never delays a SIGTERM.
+	reloads := make(chan struct{}, 1)
+	requestReload := func() {
+		select {
+		case reloads <- struct{}{}:
+		default:
 		}
-		log.Info("shutting down", zap.String("signal", sig.String()), zap.Duration("grace", cfg.ShutdownGrace.D()))
-		break
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	done := make(chan struct{})
-	waiter := make(chan struct{})
+	var bg sync.WaitGroup
+	defer bg.Wait()
+	bg.Add(1)
 	go func() {
-		defer close(waiter)
+		defer bg.Done()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-reloads:
+				_ = srv.ReloadFile(path) // logged and counted by the server
+			}
+		}
+	}()
+	if watch {
+		bg.Add(1)
+		go func() {
+			defer bg.Done()
+			files := func() []string { return proxy.ReferencedFiles(path, srv.Config()) }
+			if err := proxy.Watch(ctx, log, files, requestReload); err != nil {
+				log.Error("--watch unavailable", zap.Error(err))
+			}
+		}()
+	}
+
+	for sig := range sigs {
+		if sig == syscall.SIGHUP {
+			log.Info("SIGHUP: reloading config", zap.String("config", path))
+			requestReload()
+			continue
+		}
+		log.Info("shutting down", zap.String("signal", sig.String()), zap.Duration("grace", srv.Config().ShutdownGrace.D()))
+		break
+	}
+	cancel() // no more reloads
+	sctx, stop := context.WithCancel(context.Background())
+	defer stop()
+	done := make(chan struct{})
+	bg.Add(1)
+	go func() {
+		defer bg.Done()
 		select {
 		case <-sigs:
 			log.Warn("second signal: closing open sessions now")
-			cancel()
+			stop()
 		case <-done:
 		}
 	}()
-	err = srv.Shutdown(ctx, cfg.ShutdownGrace.D())
+	err = srv.Shutdown(sctx, srv.Config().ShutdownGrace.D())
 	close(done)
-	<-waiter
 	log.Info("credproxy stopped")
 	return err
 }
