@@ -43,8 +43,11 @@ note "psql says: $(head -n 1 "$WORK/direct.out")"
 
 heading "4. starting credproxy: it holds the credential, the app will not"
 PROXY_PORT=$(free_port)
+ADMIN_PORT=$(free_port)
 cat >"$WORK/credproxy.yaml" <<YAML
 shutdown_grace: 5s
+admin:
+  listen: 127.0.0.1:$ADMIN_PORT
 audit:
   path: ./audit.jsonl
   queries: true
@@ -76,14 +79,18 @@ SELECT id, msg FROM greetings ORDER BY id;
 SELECT current_user AS logged_in_upstream_as, current_database() AS database;
 SQL
 
-heading "6. stopping credproxy (SIGTERM)"
+heading "6. what ops see: probes and Prometheus metrics (curl http://127.0.0.1:$ADMIN_PORT/metrics)"
+note "/healthz: $(curl -fsS "http://127.0.0.1:$ADMIN_PORT/healthz")   /readyz: $(curl -fsS "http://127.0.0.1:$ADMIN_PORT/readyz")"
+curl -fsS "http://127.0.0.1:$ADMIN_PORT/metrics" | grep -E '^credproxy_(sessions_total|sessions_active|bytes_total|upstream_connect_seconds_count|credential_fetch_seconds_count|ready)' | sed 's/^/   /'
+
+heading "7. stopping credproxy (SIGTERM)"
 kill -TERM "$CREDPROXY_PID"
 rc=0
 wait "$CREDPROXY_PID" || rc=$?
 note "credproxy exited with status $rc"
 ((rc == 0)) || die "credproxy did not stop cleanly"
 
-heading "7. the audit log of this session ($WORK/audit.jsonl)"
+heading "8. the audit log of this session ($WORK/audit.jsonl)"
 [[ -s $WORK/audit.jsonl ]] || die "the audit log is empty"
 if command -v python3 >/dev/null; then
 	python3 -c '
@@ -95,7 +102,7 @@ else
 	cat "$WORK/audit.jsonl"
 fi
 
-heading "8. the password never appears in the audit log or credproxy's log"
+heading "9. the password never appears in the audit log or credproxy's log"
 if grep -qF "$APP_PW" "$WORK/audit.jsonl"; then
 	die "the password appears in the audit log"
 fi

@@ -50,6 +50,8 @@ packages=()
 if ! have_pg_server || ! have_pg_client; then
 	packages+=(postgresql postgresql-contrib)
 fi
+# curl: the demo scrapes /metrics with it, and the HTTP proxy tests drive it.
+command -v curl >/dev/null || packages+=(curl ca-certificates)
 if $bench; then
 	have_pgbouncer || packages+=(pgbouncer)
 	command -v python3 >/dev/null || packages+=(python3)
