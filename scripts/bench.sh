@@ -294,3 +294,13 @@ summary
   idle session RSS: credproxy ${CP_PER} KiB, pgbouncer ${PB_PER} KiB   (target <= 64 KiB: $(verdict "$CP_PER <= 64"))
   (a measurement, not a test: figures vary with the machine and its load)
 EOF
+
+# ---------------------------------------------------------------- vault row
+# The same pgbench -C through a Vault-backed service (the in-process Vault of
+# integration/vaulttest, dynamic database credentials) and a static one, on
+# one proxy. The daemons above are idle by now.
+heading "(d) Vault dynamic credentials vs static, pgbench -C -S"
+out=$(cd "$REPO_ROOT" && CREDPROXY_BENCH=1 BENCH_SECONDS="$SECS" go test -count=1 -run '^TestBenchVaultConnectionRate$' -v ./integration/ 2>&1) ||
+	die "vault bench failed:
+$out"
+grep '^BENCH' <<<"$out" | sed 's/^BENCH /  /'
