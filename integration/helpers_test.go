@@ -495,14 +495,6 @@ func (f *noTLSUpstream) serve(c net.Conn) {
 
 func (f *noTLSUpstream) addr() string { return f.ln.Addr().String() }
 
-// counting is an io.Writer that counts.
-type counting struct{ n int64 }
-
-func (c *counting) Write(p []byte) (int, error) {
-	c.n += int64(len(p))
-	return len(p), nil
-}
-
 // portOf returns the port of a host:port.
 func portOf(t *testing.T, addr string) string {
 	t.Helper()

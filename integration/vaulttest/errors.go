@@ -28,8 +28,6 @@ func coded(status int, format string, args ...any) error {
 }
 
 var (
-	// errNotFound is a read of nothing: 404 {"errors":[]}.
-	errNotFound = &apiError{status: http.StatusNotFound}
 	// errUnsupportedPath is logical.ErrUnsupportedPath, a path no backend
 	// handles.
 	errUnsupportedPath = &apiError{status: http.StatusNotFound, msg: "unsupported path"}

@@ -69,7 +69,7 @@ func (s *Server) registerLease(req *request, resp *response, sec *secretSpec) er
 	resp.leaseID = l.id
 	resp.renewable = l.renewable
 	// Vault rounds here: the clock has been ticking since the TTL was set.
-	resp.leaseDuration = int(l.expireTime.Sub(time.Now()).Round(time.Second) / time.Second)
+	resp.leaseDuration = int(time.Until(l.expireTime).Round(time.Second) / time.Second)
 	return nil
 }
 

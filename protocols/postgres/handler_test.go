@@ -94,7 +94,11 @@ func scramScript(o scramOptions) func(u *upConn) {
 			u.t.Errorf("scram client: %v", err)
 			return
 		}
-		stored := client.GetStoredCredentials(scram.KeyFactors{Salt: "credproxy-test-salt", Iters: 4096})
+		stored, err := client.GetStoredCredentialsWithError(scram.KeyFactors{Salt: "credproxy-test-salt", Iters: 4096})
+		if err != nil {
+			u.t.Errorf("scram stored credentials: %v", err)
+			return
+		}
 		server, err := scram.SHA256.NewServer(func(string) (scram.StoredCredentials, error) { return stored, nil })
 		if err != nil {
 			u.t.Errorf("scram server: %v", err)
