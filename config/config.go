@@ -97,6 +97,10 @@ type Postgres struct {
 	Credentials string      `yaml:"credentials"`
 	TLS         PostgresTLS `yaml:"tls"`
 	ClientTLS   *ClientTLS  `yaml:"client_tls"`
+	// SocketMode is the file mode of a unix: listener's socket, in octal
+	// (default "0666"): like PostgreSQL's unix_socket_permissions, access is
+	// meant to be controlled by the directory the socket is in.
+	SocketMode string `yaml:"socket_mode"`
 	// StartupTimeout bounds the client side of the handshake (default 10s).
 	StartupTimeout Duration `yaml:"startup_timeout"`
 	// ConnectTimeout bounds credential fetch, upstream dial, TLS and auth (default 10s).

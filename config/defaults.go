@@ -19,6 +19,7 @@ const (
 	DefaultHTTPDefault    = "deny"
 	DefaultRouteUpstream  = "https"
 
+	DefaultSocketMode          = "0666"
 	DefaultVaultRequestTimeout = 5 * time.Second
 	DefaultKVRefreshInterval   = 5 * time.Minute
 )
@@ -69,6 +70,9 @@ func (c *Config) applyDefaults(present map[string]bool) {
 			p.ConnectTimeout = Duration(DefaultConnectTimeout)
 		}
 		p.Upstream = withDefaultPort(p.Upstream, DefaultPostgresPort)
+		if p.SocketMode == "" && strings.HasPrefix(p.Listen, "unix:") {
+			p.SocketMode = DefaultSocketMode
+		}
 		// INTERFACE.md's sample writes client_tls with both files empty; that
 		// means no client TLS, the same as leaving client_tls out.
 		if ct := p.ClientTLS; ct != nil && ct.CertFile == "" && ct.KeyFile == "" {

@@ -292,6 +292,14 @@ func (c *Config) validateVault(v *validator) {
 }
 
 func (c *Config) validatePostgres(v *validator, ls listeners, i int) {
+	if m := c.Postgres[i].SocketMode; m != "" {
+		path := fmt.Sprintf("postgres[%d].socket_mode", i)
+		if mode, err := strconv.ParseUint(m, 8, 32); err != nil || mode > 0o777 {
+			v.add(path, "must be an octal file mode such as \"0660\", not %q", m)
+		} else if !strings.HasPrefix(c.Postgres[i].Listen, "unix:") {
+			v.add(path, "applies only to a unix: listen address")
+		}
+	}
 	p := c.Postgres[i]
 	path := fmt.Sprintf("postgres[%d]", i)
 

@@ -40,12 +40,10 @@ func newAdmin(addr string, s *Server) (*admin, error) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		problems := s.notReady()
 		if len(problems) > 0 {
-			s.metrics.ready.Set(0)
 			w.WriteHeader(http.StatusServiceUnavailable)
 			_, _ = w.Write([]byte("not ready\n" + strings.Join(problems, "\n") + "\n"))
 			return
 		}
-		s.metrics.ready.Set(1)
 		_, _ = w.Write([]byte("ready\n"))
 	})
 	a := &admin{

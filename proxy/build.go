@@ -80,7 +80,7 @@ func (s *Server) build(cfg *config.Config) (b *built, err error) {
 			config.Postgres
 			AuditQueries bool
 		}{pc, cfg.Audit.Queries}
-		b.svcs = append(b.svcs, svc{name: pc.Name, listen: pc.Listen, spec: spec, handler: h})
+		b.svcs = append(b.svcs, svc{name: pc.Name, listen: pc.Listen, socketMode: pc.SocketMode, spec: spec, handler: h})
 	}
 	return b, nil
 }

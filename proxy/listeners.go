@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -18,10 +19,11 @@ import (
 // svc is one configured service: its listener address and the handler
 // built for its current settings.
 type svc struct {
-	name    string
-	listen  string
-	spec    any // the service's config, compared on reload
-	handler ConnHandler
+	name       string
+	listen     string
+	socketMode string
+	spec       any // the service's config, compared on reload
+	handler    ConnHandler
 }
 
 // key identifies a service's listener across reloads: its address, or for
@@ -54,7 +56,7 @@ type handlerRef struct{ h ConnHandler }
 
 // bind listens on svc's address.
 func (s *Server) bind(sv svc) (*listener, error) {
-	ln, err := Listen(sv.listen)
+	ln, err := Listen(sv.listen, sv.socketMode)
 	if err != nil {
 		return nil, err
 	}
@@ -76,8 +78,9 @@ func (s *Server) serve(l *listener) {
 }
 
 // Listen binds "host:port" (TCP) or "unix:/path". A stale socket file left by
-// a previous run is removed; any other existing file is an error.
-func Listen(addr string) (net.Listener, error) {
+// a previous run is removed; any other existing file is an error. A unix
+// socket gets mode (octal, "" for the umask's).
+func Listen(addr, mode string) (net.Listener, error) {
 	path, ok := strings.CutPrefix(addr, "unix:")
 	if !ok {
 		return net.Listen("tcp", addr)
@@ -97,6 +100,16 @@ func Listen(addr string) (net.Listener, error) {
 		return nil, err
 	}
 	ln.(*net.UnixListener).SetUnlinkOnClose(true)
+	if mode != "" {
+		m, err := strconv.ParseUint(mode, 8, 32)
+		if err == nil {
+			err = os.Chmod(path, os.FileMode(m))
+		}
+		if err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("listen %s: socket_mode %s: %w", addr, mode, err)
+		}
+	}
 	return ln, nil
 }
 

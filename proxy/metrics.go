@@ -6,6 +6,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/credproxy/credproxy/protocols/postgres"
 )
 
 // Metrics are credproxy's Prometheus metrics. The names are an interface:
@@ -28,7 +30,6 @@ type Metrics struct {
 	rotations        *prometheus.CounterVec
 	httpRequests     *prometheus.CounterVec
 	configReloads    *prometheus.CounterVec
-	ready            prometheus.Gauge
 }
 
 // NewMetrics registers every metric, with the Go and process collectors, on
@@ -54,9 +55,20 @@ func NewMetrics() *Metrics {
 		httpRequests:     f.counter("http_requests_total", "HTTP proxy requests by route, status code and whether a credential was injected.", "route", "code", "injected"),
 		configReloads:    f.counter("config_reloads_total", "Config reloads by result.", "result"),
 	}
-	m.ready = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: "credproxy", Name: "ready", Help: "1 when /readyz answers 200."})
-	reg.MustRegister(m.ready)
 	return m
+}
+
+// registerReady adds credproxy_ready, computed at each scrape from the same
+// checks as /readyz, so it never goes stale.
+func (m *Metrics) registerReady(ready func() bool) {
+	m.Registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: "credproxy", Name: "ready", Help: "1 when /readyz answers 200.",
+	}, func() float64 {
+		if ready() {
+			return 1
+		}
+		return 0
+	}))
 }
 
 type factory struct{ reg *prometheus.Registry }
@@ -103,7 +115,11 @@ func (o postgresObserver) SessionEnded(service, res string, d time.Duration, in,
 
 func (o postgresObserver) Denied(service, kind string) {
 	o.m.sessionsTotal.WithLabelValues("postgres", service, "denied").Inc()
-	o.m.authFailures.WithLabelValues("postgres", service, kind).Inc()
+	// A client that sends garbage (or a TCP health check that connects and
+	// closes) is not an authentication failure worth alerting on.
+	if kind != postgres.KindBadStartup {
+		o.m.authFailures.WithLabelValues("postgres", service, kind).Inc()
+	}
 }
 
 func (o postgresObserver) UpstreamConnected(service string, d time.Duration) {

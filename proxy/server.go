@@ -62,6 +62,7 @@ func New(cfg *config.Config, log *zap.Logger) (*Server, error) {
 	s := &Server{log: log, metrics: NewMetrics(), audit: &swapSink{}, cancels: postgres.NewCancelRegistry(),
 		listeners: make(map[string]*listener)}
 	s.sessCtx, s.killAll = context.WithCancel(context.Background())
+	s.metrics.registerReady(func() bool { return len(s.notReady()) == 0 })
 	b, err := s.build(cfg)
 	if err != nil {
 		return nil, err

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -201,18 +202,21 @@ func TestShutdownReturnsEarlyWhenSessionsEnd(t *testing.T) {
 
 func TestListenUnixReplacesStaleSocket(t *testing.T) {
 	path := filepath.Join(t.TempDir(), ".s.PGSQL.5432")
-	ln, err := Listen("unix:" + path)
+	ln, err := Listen("unix:"+path, "0600")
 	if err != nil {
 		t.Fatal(err)
 	}
+	if fi, err := os.Stat(path); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("socket mode = %v (%v), want 0600", fi.Mode().Perm(), err)
+	}
 	// A second listener on a live socket is refused.
-	if _, err := Listen("unix:" + path); err == nil {
+	if _, err := Listen("unix:"+path, "0600"); err == nil {
 		t.Fatal("second listener on a live socket")
 	}
 	ln.(*net.UnixListener).SetUnlinkOnClose(false)
 	ln.Close()
 	// The file left behind is stale and replaced.
-	ln2, err := Listen("unix:" + path)
+	ln2, err := Listen("unix:"+path, "0600")
 	if err != nil {
 		t.Fatalf("stale socket not replaced: %v", err)
 	}
