@@ -158,7 +158,6 @@ func (s *session) run(ctx context.Context) error {
 	}
 	defer handle.Release()
 	defer up.conn.Close()
-	cred := handle.Credential
 
 	// Hand over: everything the app needs in one write.
 	target := cancelTarget{h: h, has: up.key != nil}
@@ -184,7 +183,7 @@ func (s *session) run(ctx context.Context) error {
 	rec.Database = s.database
 	rec.DBUser = s.dbUser
 	rec.Credential = handle.Name
-	if l := cred.Lease; l.Leased() {
+	if l := handle.Lease(); l.Leased() {
 		rec.Lease = &audit.Lease{IDSHA256: l.IDHash(), TTLSecs: int64(time.Until(l.Expiry()).Seconds())}
 	}
 	h.audit.Record(rec)

@@ -242,6 +242,13 @@ func (h *Handle) OnEnd(f func()) {
 	}
 }
 
+// Lease is the credential's lease as last renewed.
+func (h *Handle) Lease() Lease {
+	h.entry.mu.Lock()
+	defer h.entry.mu.Unlock()
+	return h.held.lease
+}
+
 // Invalidate reports that the upstream refused this credential (a lease
 // revoked out of band, a rotated password): new sessions will not get it.
 func (h *Handle) Invalidate() {
@@ -328,7 +335,13 @@ func (s *Store) fresh(h *held, now time.Time) bool {
 	if !l.Leased() {
 		return true
 	}
-	return now.Before(l.Issued.Add(l.TTL * 2 / 3))
+	if now.Before(l.Issued.Add(l.TTL * 2 / 3)) {
+		return true
+	}
+	// A renewable lease in use is due for renewal at two thirds of its
+	// TTL; let new sessions share it while that renewal runs rather than
+	// rotate a credential that is about to be extended.
+	return len(h.users) > 0 && l.Renewable && now.Before(l.Issued.Add(l.TTL*5/6))
 }
 
 // valid reports whether h still works at all (for serving while the
@@ -560,7 +573,7 @@ func (s *Store) end(e *entry, h *held, why string, revoke bool) {
 	if e.current == h {
 		e.current = nil
 	}
-	if why != "shutdown" {
+	if why != "shutdown" && (!revoke || e.leaser == nil) {
 		delete(e.all, h)
 	}
 	l := h.lease
@@ -575,9 +588,14 @@ func (s *Store) end(e *entry, h *held, why string, revoke bool) {
 	ctx, cancel := context.WithTimeout(s.ctx, s.opts.FetchTimeout)
 	defer cancel()
 	if err := e.leaser.Revoke(ctx, l); err != nil {
+		// Left in e.all: Close tries again.
 		s.log.Warn("lease revocation failed", zap.String("credential", e.name), zap.String("lease_sha256", l.IDHash()), zap.Error(err))
 		return
 	}
+	e.mu.Lock()
+	delete(e.all, h)
+	s.observeLeases(e)
+	e.mu.Unlock()
 	s.log.Info("lease revoked", zap.String("credential", e.name), zap.String("lease_sha256", l.IDHash()), zap.String("reason", why))
 }
 

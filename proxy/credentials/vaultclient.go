@@ -31,6 +31,8 @@ type VaultClient struct {
 	loggedIn bool
 	lastErr  error
 	epoch    int // counts logins, so concurrent 403s cause one re-login
+	// loginPending: a re-login was requested and has not finished yet.
+	loginPending bool
 
 	stop    context.CancelFunc
 	ctx     context.Context
@@ -151,6 +153,12 @@ func (v *VaultClient) doLogin(ctx context.Context) (*vault.Secret, error) {
 	defer v.mu.Unlock()
 	close(v.changed)
 	v.changed = make(chan struct{})
+	v.loginPending = false
+	// This login answers any request queued while it ran.
+	select {
+	case <-v.kick:
+	default:
+	}
 	if err != nil {
 		v.loggedIn, v.lastErr = false, fmt.Errorf("vault login (%s): %w", v.login.Method(), err)
 		return nil, v.lastErr
@@ -248,10 +256,16 @@ func (v *VaultClient) reLogin(ctx context.Context, epoch int) error {
 	}
 	v.loggedIn = false
 	wait := v.changed
+	// One kick per login: a second caller waits for the same login rather
+	// than queue another (each login may use up an AppRole secret id).
+	kick := !v.loginPending
+	v.loginPending = true
 	v.mu.Unlock()
-	select {
-	case v.kick <- struct{}{}:
-	default:
+	if kick {
+		select {
+		case v.kick <- struct{}{}:
+		default:
+		}
 	}
 	select {
 	case <-wait:
