@@ -79,9 +79,10 @@ func (s *Server) notReady() []string {
 	if !s.started {
 		out = append(out, "listeners: not bound yet")
 	}
+	vault := s.vault
 	s.mu.Unlock()
-	if s.vault != nil {
-		if err := s.vault.Ready(); err != nil {
+	if vault != nil {
+		if err := vault.Ready(); err != nil {
 			out = append(out, "vault: "+err.Error())
 		}
 	}

@@ -8,6 +8,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/credproxy/credproxy/config"
+	httpproxy "github.com/credproxy/credproxy/protocols/http"
 	"github.com/credproxy/credproxy/protocols/postgres"
 	"github.com/credproxy/credproxy/proxy/audit"
 	"github.com/credproxy/credproxy/proxy/credentials"
@@ -82,11 +83,29 @@ func (s *Server) build(cfg *config.Config) (b *built, err error) {
 		}{pc, cfg.Audit.Queries}
 		b.svcs = append(b.svcs, svc{name: pc.Name, listen: pc.Listen, socketMode: pc.SocketMode, spec: spec, handler: h})
 	}
+	if hc := cfg.HTTP; hc != nil {
+		hp, err := httpproxy.New(httpproxy.Options{
+			Config:      *hc,
+			Credentials: s.storeFor(),
+			Audit:       s.audit,
+			Logger:      s.log.Named("http"),
+			Observer:    httpObserver{s.metrics},
+			DialContext: s.httpDial,
+		})
+		if err != nil {
+			return b, err
+		}
+		b.svcs = append(b.svcs, svc{name: "http", listen: hc.Listen, spec: *hc, handler: hp,
+			shutdown: hp.Shutdown, close: hp.Close})
+	}
 	return b, nil
 }
 
 // discard releases what a rejected build opened.
 func (b *built) discard() {
+	for _, sv := range b.svcs {
+		sv.release()
+	}
 	if b.newVault && b.vault != nil {
 		b.vault.Close()
 	}
@@ -98,10 +117,17 @@ func (b *built) discard() {
 // commit makes b the running config's parts (not its listeners).
 func (s *Server) commit(b *built) {
 	s.cfg, s.svcs, s.sources = b.cfg, b.svcs, b.sources
+	for _, sv := range b.svcs {
+		if sv.close != nil {
+			s.closers = append(s.closers, sv.close)
+		}
+	}
 	if b.newVault {
 		s.vaults = append(s.vaults, b.vault)
 	}
+	s.mu.Lock() // notReady reads it without reloadMu
 	s.vault = b.vault
+	s.mu.Unlock()
 	if b.writer != nil {
 		s.audits = append(s.audits, b.writer)
 	}

@@ -24,6 +24,19 @@ type svc struct {
 	socketMode string
 	spec       any // the service's config, compared on reload
 	handler    ConnHandler
+	// shutdown and close, when set, end the handler's own connections and
+	// goroutines (the HTTP proxy's keep-alive connections and certificate
+	// maintenance): shutdown gracefully, close at once.
+	shutdown func(context.Context) error
+	close    func() error
+}
+
+// release frees a handler that will not serve (a rejected or unchanged
+// build).
+func (sv svc) release() {
+	if sv.close != nil {
+		_ = sv.close()
+	}
 }
 
 // key identifies a service's listener across reloads: its address, or for
@@ -39,6 +52,7 @@ func (sv svc) key() string {
 // listener is one bound address. Its handler can be swapped by a reload:
 // new sessions use the new one, open sessions carry on with the old.
 type listener struct {
+	svc     svc // the service as last built, for shutdown and close
 	name    string
 	key     string // svc.key
 	addr    string
@@ -60,7 +74,7 @@ func (s *Server) bind(sv svc) (*listener, error) {
 	if err != nil {
 		return nil, err
 	}
-	l := &listener{name: sv.name, key: sv.key(), addr: sv.listen, spec: sv.spec, ln: ln, done: make(chan struct{})}
+	l := &listener{name: sv.name, key: sv.key(), addr: sv.listen, spec: sv.spec, svc: sv, ln: ln, done: make(chan struct{})}
 	l.ctx, l.cancel = context.WithCancel(s.sessCtx)
 	l.handler.Store(&handlerRef{sv.handler})
 	return l, nil

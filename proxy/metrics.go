@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"strconv"
 	"strings"
 	"time"
 
@@ -163,4 +164,14 @@ func errorKind(err error) string {
 		return "not_found"
 	}
 	return "other"
+}
+
+// httpObserver adapts Metrics to the HTTP proxy's Observer.
+type httpObserver struct{ m *Metrics }
+
+func (o httpObserver) Request(route string, code int, injected bool) {
+	if route == "" {
+		route = "none" // no route matched: bounded, and distinct from any host
+	}
+	o.m.httpRequests.WithLabelValues(route, strconv.Itoa(code), strconv.FormatBool(injected)).Inc()
 }

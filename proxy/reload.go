@@ -75,6 +75,9 @@ func (s *Server) reload(cfg *config.Config) error {
 		added = append(added, l)
 	}
 	changedSecrets := s.changedSecrets(cfg, b.sources)
+	if b.newVault {
+		b.vault.Start(s.sessCtx) // log in before sessions use the new sources
+	}
 
 	// Commit.
 	s.store.Update(b.sources, changedSecrets)
@@ -89,10 +92,13 @@ func (s *Server) reload(cfg *config.Config) error {
 			s.retire(l, cfg.ShutdownGrace.D())
 			removed++
 		case reflect.DeepEqual(l.spec, sv.spec):
+			sv.release() // the running handler stays
 			kept++
 		default:
-			l.name, l.spec = sv.name, sv.spec
+			old := l.svc
+			l.name, l.spec, l.svc = sv.name, sv.spec, sv
 			l.handler.Store(&handlerRef{sv.handler})
+			s.drainHandler(old, cfg.ShutdownGrace.D())
 			changed++
 		}
 	}
@@ -113,6 +119,7 @@ func (s *Server) retire(l *listener, grace time.Duration) {
 	l.ln.Close()
 	s.log.Info("listener removed; open sessions close after the grace period",
 		zap.String("service", l.name), zap.String("listen", l.addr), zap.Duration("grace", grace))
+	s.drainHandler(l.svc, grace)
 	s.bg.Add(1)
 	go func() {
 		defer s.bg.Done()
@@ -124,6 +131,22 @@ func (s *Server) retire(l *listener, grace time.Duration) {
 		case <-s.sessCtx.Done():
 		}
 		l.cancel()
+	}()
+}
+
+// drainHandler lets a replaced handler's own connections finish within
+// grace, then closes it.
+func (s *Server) drainHandler(sv svc, grace time.Duration) {
+	if sv.shutdown == nil {
+		return
+	}
+	s.bg.Add(1)
+	go func() {
+		defer s.bg.Done()
+		ctx, cancel := context.WithTimeout(s.sessCtx, grace)
+		defer cancel()
+		_ = sv.shutdown(ctx)
+		_ = sv.close()
 	}()
 }
 

@@ -48,6 +48,8 @@ type Server struct {
 	vault    *credentials.VaultClient   // nil without a vault block
 	vaults   []*credentials.VaultClient // every client made, closed at Close
 	audits   []*audit.Writer            // every audit file opened, closed at Close
+	closers  []func() error             // every handler with resources of its own
+	httpDial func(ctx context.Context, network, addr string) (net.Conn, error)
 
 	mu         sync.Mutex
 	listeners  map[string]*listener // by svc.key
@@ -57,10 +59,21 @@ type Server struct {
 	closeError error
 }
 
+// Options are what embedding programs and tests may set beyond the config.
+type Options struct {
+	// HTTPDial dials the HTTP proxy's upstreams; nil uses a net.Dialer.
+	HTTPDial func(ctx context.Context, network, addr string) (net.Conn, error)
+}
+
 // New builds everything the config describes but binds nothing.
 func New(cfg *config.Config, log *zap.Logger) (*Server, error) {
+	return NewWithOptions(cfg, log, Options{})
+}
+
+// NewWithOptions is New with Options.
+func NewWithOptions(cfg *config.Config, log *zap.Logger, o Options) (*Server, error) {
 	s := &Server{log: log, metrics: NewMetrics(), audit: &swapSink{}, cancels: postgres.NewCancelRegistry(),
-		listeners: make(map[string]*listener)}
+		listeners: make(map[string]*listener), httpDial: o.HTTPDial}
 	s.sessCtx, s.killAll = context.WithCancel(context.Background())
 	s.metrics.registerReady(func() bool { return len(s.notReady()) == 0 })
 	b, err := s.build(cfg)
@@ -159,18 +172,34 @@ func (s *Server) Addrs() []net.Addr {
 // the audit log. A cancelled ctx ends the grace period early.
 func (s *Server) Shutdown(ctx context.Context, grace time.Duration) error {
 	s.stopAccepting()
+	gctx, cancel := context.WithTimeout(ctx, grace)
+	defer cancel()
+	// Handlers with connections of their own (HTTP keep-alive) close the
+	// idle ones now and let busy ones finish within the grace period.
+	var handlers sync.WaitGroup
+	s.mu.Lock()
+	for _, l := range s.listeners {
+		if sd := l.svc.shutdown; sd != nil {
+			handlers.Add(1)
+			go func() {
+				defer handlers.Done()
+				_ = sd(gctx)
+			}()
+		}
+	}
+	s.mu.Unlock()
 	drained := make(chan struct{})
 	go func() {
 		s.sessions.Wait()
+		handlers.Wait()
 		close(drained)
 	}()
-	t := time.NewTimer(grace)
-	defer t.Stop()
 	select {
 	case <-drained:
-	case <-t.C:
-		s.log.Warn("shutdown grace elapsed; closing open sessions", zap.Duration("grace", grace))
-	case <-ctx.Done():
+	case <-gctx.Done():
+		if ctx.Err() == nil {
+			s.log.Warn("shutdown grace elapsed; closing open sessions", zap.Duration("grace", grace))
+		}
 	}
 	err := s.Close()
 	<-drained
@@ -190,6 +219,9 @@ func (s *Server) Close() error {
 		s.store.Close(ctx)
 		cancel()
 		s.reloadMu.Lock()
+		for _, c := range s.closers {
+			_ = c()
+		}
 		for _, v := range s.vaults {
 			v.Close()
 		}

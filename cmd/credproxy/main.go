@@ -19,6 +19,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/credproxy/credproxy/config"
+	httpproxy "github.com/credproxy/credproxy/protocols/http"
 	"github.com/credproxy/credproxy/proxy"
 )
 
@@ -28,6 +29,7 @@ var version = "dev"
 const usage = `usage:
   credproxy run --config FILE        run the proxy (also: credproxy --config FILE)
   credproxy validate --config FILE   check a config; every problem, one per line
+  credproxy ca init --out DIR        write ca.pem + ca-key.pem for HTTPS interception
   credproxy version
 
 flags:
@@ -52,6 +54,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "help":
 		fmt.Fprint(stdout, usage)
 		return 0
+	case "ca":
+		return caCommand(args, stdout, stderr)
 	case "run", "validate":
 	default:
 		fmt.Fprintf(stderr, "credproxy: unknown command %q\n%s", cmd, usage)
@@ -98,6 +102,27 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	if err := serve(cfg, path, *watch, log); err != nil {
 		log.Error("credproxy failed", zap.Error(err))
+		return 1
+	}
+	return 0
+}
+
+// caCommand runs "ca init --out DIR": a fresh ECDSA P-256 CA for HTTPS
+// interception, and how to make apps trust it.
+func caCommand(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 || args[0] != "init" {
+		fmt.Fprintf(stderr, "credproxy ca: want \"ca init --out DIR\"\n%s", usage)
+		return 2
+	}
+	fs := flag.NewFlagSet("credproxy ca init", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	out := fs.String("out", "", "")
+	if err := fs.Parse(args[1:]); err != nil || fs.NArg() > 0 || *out == "" {
+		fmt.Fprintf(stderr, "credproxy ca init: --out DIR is required\n%s", usage)
+		return 2
+	}
+	if err := httpproxy.InitCA(*out, stdout); err != nil {
+		fmt.Fprintf(stderr, "credproxy ca init: %v\n", err)
 		return 1
 	}
 	return 0
@@ -195,11 +220,19 @@ func serve(cfg *config.Config, path string, watch bool, log *zap.Logger) error {
 	bg.Add(1)
 	go func() {
 		defer bg.Done()
-		select {
-		case <-sigs:
-			log.Warn("second signal: closing open sessions now")
-			stop()
-		case <-done:
+		for {
+			select {
+			case sig := <-sigs:
+				if sig == syscall.SIGHUP {
+					log.Info("SIGHUP ignored: shutting down")
+					continue
+				}
+				log.Warn("second signal: closing open sessions now", zap.String("signal", sig.String()))
+				stop()
+				return
+			case <-done:
+				return
+			}
 		}
 	}()
 	err = srv.Shutdown(sctx, srv.Config().ShutdownGrace.D())

@@ -421,6 +421,12 @@ func (s *Store) fetch(e *entry) {
 			e.fetched = now
 		}
 		s.log.Warn("credential fetch failed", zap.String("credential", e.name), zap.Int("failures", e.failures), zap.Error(err))
+		if e.current == nil || !s.valid(e.current, now) {
+			// Nothing valid to serve: retry on our own, so readiness (and a
+			// pod that gets no sessions while unready) recovers with the
+			// source rather than waiting for a session to ask.
+			s.retryLater(e, e.retryAt)
+		}
 		return
 	}
 	e.lastErr, e.failures, e.retryAt = nil, 0, time.Time{}
@@ -447,6 +453,23 @@ func (s *Store) fetch(e *entry) {
 			s.maintain(e, h)
 		}()
 	}
+}
+
+// retryLater fetches again at t unless a credential became available, the
+// entry was removed, or the Store closed. e.mu is held.
+func (s *Store) retryLater(e *entry, t time.Time) {
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		if !s.sleepUntil(t, nil) || s.entryMap()[e.name] != e {
+			return
+		}
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		if e.lastErr != nil && e.inflight == nil && (e.current == nil || !s.valid(e.current, s.now())) {
+			s.startFetch(e)
+		}
+	}()
 }
 
 func (s *Store) observeLeases(e *entry) {
