@@ -65,8 +65,9 @@ lint-staticcheck:
 lint-tidy:
 	$(GO) mod tidy -diff
 
-bench: ## direct vs credproxy vs PgBouncer (BENCH_SECONDS, default 20)
+bench: ## Postgres: direct vs credproxy vs PgBouncer, Vault row; HTTP: direct vs proxied (BENCH_SECONDS)
 	bash scripts/bench.sh
+	bash scripts/bench-http.sh
 
 demo: ## credproxy end to end on a throwaway PostgreSQL
 	bash scripts/demo.sh
