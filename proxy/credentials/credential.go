@@ -31,9 +31,11 @@ func (c *Credential) Field(name string) (Secret, bool) {
 
 // FieldNames lists the fields the credential has, sorted; useful in errors
 // that must say what is missing without showing any value.
-func (c *Credential) FieldNames() []string {
-	names := make([]string, 0, len(c.Fields))
-	for n := range c.Fields {
+func (c *Credential) FieldNames() []string { return sortedKeys(c.Fields) }
+
+func sortedKeys[V any](m map[string]V) []string {
+	names := make([]string, 0, len(m))
+	for n := range m {
 		names = append(names, n)
 	}
 	sort.Strings(names)

@@ -608,18 +608,27 @@ func (s *Store) end(e *entry, h *held, why string, revoke bool) {
 	if !revoke || e.leaser == nil || why == "shutdown" {
 		return
 	}
-	ctx, cancel := context.WithTimeout(s.ctx, s.opts.FetchTimeout)
-	defer cancel()
-	if err := e.leaser.Revoke(ctx, l); err != nil {
-		// Left in e.all: Close tries again.
-		s.log.Warn("lease revocation failed", zap.String("credential", e.name), zap.String("lease_sha256", l.IDHash()), zap.Error(err))
-		return
+	if !s.revoke(s.ctx, e, l, why) {
+		return // left in e.all: Close tries again
 	}
 	e.mu.Lock()
 	delete(e.all, h)
 	s.observeLeases(e)
 	e.mu.Unlock()
-	s.log.Info("lease revoked", zap.String("credential", e.name), zap.String("lease_sha256", l.IDHash()), zap.String("reason", why))
+}
+
+// revoke ends a lease at the source and logs the outcome; it reports
+// whether the lease is gone.
+func (s *Store) revoke(ctx context.Context, e *entry, l Lease, why string) bool {
+	ctx, cancel := context.WithTimeout(ctx, s.opts.FetchTimeout)
+	defer cancel()
+	log := s.log.With(zap.String("credential", e.name), zap.String("lease_sha256", l.IDHash()), zap.String("reason", why))
+	if err := e.leaser.Revoke(ctx, l); err != nil {
+		log.Warn("lease revocation failed", zap.Error(err))
+		return false
+	}
+	log.Info("lease revoked")
+	return true
 }
 
 // Ready reports, per credential, whether a fetch has failed most recently;
@@ -688,14 +697,7 @@ func (s *Store) Close(ctx context.Context) {
 		e.all = make(map[*held]struct{})
 		e.mu.Unlock()
 		for _, l := range leases {
-			rctx, cancel := context.WithTimeout(ctx, s.opts.FetchTimeout)
-			err := e.leaser.Revoke(rctx, l)
-			cancel()
-			if err != nil {
-				s.log.Warn("lease revocation at shutdown failed", zap.String("credential", e.name), zap.String("lease_sha256", l.IDHash()), zap.Error(err))
-				continue
-			}
-			s.log.Info("lease revoked", zap.String("credential", e.name), zap.String("lease_sha256", l.IDHash()), zap.String("reason", "shutdown"))
+			s.revoke(ctx, e, l, "shutdown")
 		}
 	}
 }

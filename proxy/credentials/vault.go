@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net"
 	"net/url"
-	"sort"
 	"strings"
 	"sync"
 	"time"
@@ -100,7 +99,7 @@ func (v *Vault) fields(data map[string]any) (map[string]Secret, error) {
 		for want, from := range v.fieldMap {
 			val, ok := data[from]
 			if !ok {
-				return nil, fmt.Errorf("field_map: field %q (for %q) is not in the secret (fields: %s)", from, want, strings.Join(sortedFieldNames(data), ", "))
+				return nil, fmt.Errorf("field_map: field %q (for %q) is not in the secret (fields: %s)", from, want, strings.Join(sortedKeys(data), ", "))
 			}
 			out[want] = NewSecret(stringify(val))
 		}
@@ -110,15 +109,6 @@ func (v *Vault) fields(data map[string]any) (map[string]Secret, error) {
 		out[k] = NewSecret(stringify(val))
 	}
 	return out, nil
-}
-
-func sortedFieldNames(m map[string]any) []string {
-	names := make([]string, 0, len(m))
-	for k := range m {
-		names = append(names, k)
-	}
-	sort.Strings(names)
-	return names
 }
 
 // stringify renders a field value: strings as they are, anything else
