@@ -858,6 +858,9 @@ func TestMisbehavingClients(t *testing.T) {
 		{name: "garbage", send: []byte("GET / HTTP/1.1\r\nHost: db\r\n\r\n")},
 		{name: "oversized-length", send: startupHeader(0x7fffffff)},
 		{name: "just-over-limit", send: startupHeader(10001)},
+		// The length alone, the connection left open: refused at once, as
+		// PostgreSQL refuses it, not after the startup timeout.
+		{name: "short-length-alone", send: []byte{0, 0, 0, 4}},
 		{name: "stall-silent", stall: true},
 		{name: "stall-partial-startup", send: append(startupHeader(64), "user\x00"...), stall: true},
 		{name: "stall-after-sslrequest", send: sslRequest, stall: true},

@@ -92,7 +92,7 @@ func FuzzStartupPacket(f *testing.F) {
 			if len(rest)+len(unrecognized) != len(p.params) {
 				t.Fatalf("splitProtocolOptions lost parameters")
 			}
-			v := appendNegotiateProtocolVersion(nil, 0, unrecognized)
+			v := appendNegotiateProtocolVersion(nil, protocol30, unrecognized)
 			if v[0] != 'v' || int(binary.BigEndian.Uint32(v[1:])) != len(v)-1 {
 				t.Fatalf("NegotiateProtocolVersion length field %d for %d bytes", binary.BigEndian.Uint32(v[1:]), len(v)-1)
 			}

@@ -883,8 +883,9 @@ func TestNegotiateProtocolVersion(t *testing.T) {
 			if h.negotiate == nil {
 				t.Fatalf("no NegotiateProtocolVersion")
 			}
-			if h.negotiate.minor != 0 {
-				t.Errorf("newest minor = %d, want 0", h.negotiate.minor)
+			// PostgreSQL sends its newest version as a full protocol number.
+			if h.negotiate.version != protocol30 {
+				t.Errorf("newest version = %d, want %d (3.0)", h.negotiate.version, protocol30)
 			}
 			if got, want := strings.Join(sortedCopy(h.negotiate.options), ","), strings.Join(tc.wantOptions, ","); got != want {
 				t.Errorf("unrecognized options = %q, want %q", got, want)
@@ -957,6 +958,10 @@ func TestBadStartup(t *testing.T) {
 		{"length 0x7fffffff", []byte{0x7f, 0xff, 0xff, 0xff, 0, 3, 0, 0}, false, "invalid startup packet"},
 		{"length 0xffffffff", []byte{0xff, 0xff, 0xff, 0xff, 0, 3, 0, 0}, false, "invalid startup packet"},
 		{"length below 8", []byte{0, 0, 0, 4, 0, 3, 0, 0}, false, "invalid startup packet"},
+		// Only the length, and the connection left open: refused at once,
+		// not after the startup timeout ("no startup packet within").
+		{"length below 8 alone", []byte{0, 0, 0, 4}, false, "invalid startup packet"},
+		{"length 0 alone", []byte{0, 0, 0, 0}, false, "invalid startup packet"},
 		{"SSLRequest with a body", []byte{0, 0, 0, 12, 0x04, 0xd2, 0x16, 0x2f, 1, 2, 3, 4}, false, "invalid startup packet"},
 		{"StartupMessage without terminator", []byte{0, 0, 0, 17, 0, 3, 0, 0, 'u', 's', 'e', 'r', 0, 'b', 'o', 'b', 0}, false, "invalid startup packet"},
 		{"truncated then closed", encodeStartup(protocol30, map[string]string{"user": "appuser"})[:12], true, "connection closed during startup"},

@@ -566,7 +566,7 @@ type handover struct {
 }
 
 type negotiation struct {
-	minor   uint32
+	version uint32 // the newest protocol version the server supports
 	options []string
 }
 
@@ -631,7 +631,7 @@ func decodeNegotiate(t *testing.T, b []byte) *negotiation {
 	if len(b) < 8 {
 		t.Fatalf("NegotiateProtocolVersion too short: %x", b)
 	}
-	n := &negotiation{minor: binary.BigEndian.Uint32(b)}
+	n := &negotiation{version: binary.BigEndian.Uint32(b)}
 	count := binary.BigEndian.Uint32(b[4:])
 	rest := b[8:]
 	for i := uint32(0); i < count; i++ {

@@ -82,7 +82,7 @@ func (s *session) readStartup(ctx context.Context) (params map[string]string, ou
 			}
 			params, unrecognized := splitProtocolOptions(p.params)
 			if p.minor() > 0 || len(unrecognized) > 0 {
-				out = appendNegotiateProtocolVersion(out, 0, unrecognized)
+				out = appendNegotiateProtocolVersion(out, protocol30, unrecognized)
 			}
 			s.database = s.chooseDatabase(params)
 			delete(params, "password")

@@ -57,20 +57,27 @@ func (p *startupPacket) minor() uint32 { return p.code & 0xffff }
 
 // readStartupPacket reads one untyped packet (length, code, body) and, for a
 // protocol 3 StartupMessage, decodes its parameters with pgproto3.
+//
+// The length is read and checked on its own, as PostgreSQL's
+// ProcessStartupPacket does, so a bad one is refused at once instead of
+// after waiting for bytes a broken client will never send.
 func readStartupPacket(r io.Reader) (*startupPacket, error) {
-	var hdr [8]byte
+	var hdr [4]byte
 	if _, err := io.ReadFull(r, hdr[:]); err != nil {
 		return nil, err
 	}
-	n := binary.BigEndian.Uint32(hdr[:4])
+	n := binary.BigEndian.Uint32(hdr[:])
 	if n < 8 || n > maxStartupPacket {
 		return nil, fmt.Errorf("%w: length %d", errBadStartup, n)
 	}
-	p := &startupPacket{code: binary.BigEndian.Uint32(hdr[4:])}
-	p.body = make([]byte, n-8)
-	if _, err := io.ReadFull(r, p.body); err != nil {
+	rest := make([]byte, n-4)
+	if _, err := io.ReadFull(r, rest); err != nil {
+		if errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF // the length arrived: this is a truncated packet
+		}
 		return nil, err
 	}
+	p := &startupPacket{code: binary.BigEndian.Uint32(rest), body: rest[4:]}
 	return p, decodeStartupPacket(p)
 }
 
@@ -128,12 +135,15 @@ func splitProtocolOptions(params map[string]string) (rest map[string]string, unr
 }
 
 // appendNegotiateProtocolVersion encodes NegotiateProtocolVersion ('v'),
-// which pgproto3/v2 lacks: the newest minor version supported, then the
-// protocol options that were not recognized.
-func appendNegotiateProtocolVersion(dst []byte, minor uint32, unrecognized []string) []byte {
+// which pgproto3/v2 lacks: the newest protocol version supported, then the
+// protocol options that were not recognized. The version is a full
+// protocol number (major<<16 | minor), as PostgreSQL's server sends it
+// (PG_PROTOCOL_LATEST, 196608 for 3.0) and as libpq 18 reads it, although
+// the protocol docs speak of a "minor version".
+func appendNegotiateProtocolVersion(dst []byte, version uint32, unrecognized []string) []byte {
 	start := len(dst)
 	dst = append(dst, 'v', 0, 0, 0, 0)
-	dst = binary.BigEndian.AppendUint32(dst, minor)
+	dst = binary.BigEndian.AppendUint32(dst, version)
 	dst = binary.BigEndian.AppendUint32(dst, uint32(len(unrecognized)))
 	for _, o := range unrecognized {
 		dst = append(dst, o...)

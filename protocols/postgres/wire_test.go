@@ -49,6 +49,11 @@ func TestReadStartupPacket(t *testing.T) {
 		{"short header", []byte{0, 0, 0, 8, 0}, io.ErrUnexpectedEOF, 0, nil},
 		{"short body", encodeStartup(protocol30, map[string]string{"user": "u"})[:10], io.ErrUnexpectedEOF, 0, nil},
 		{"length 7", []byte{0, 0, 0, 7, 0, 3, 0, 0}, errBadStartup, 0, nil},
+		// The length alone is enough to refuse: nothing more is read.
+		{"length 4 and nothing after it", []byte{0, 0, 0, 4}, errBadStartup, 0, nil},
+		{"length 0 and nothing after it", []byte{0, 0, 0, 0}, errBadStartup, 0, nil},
+		{"length 10001 and nothing after it", []byte{0, 0, 0x27, 0x11}, errBadStartup, 0, nil},
+		{"length then closed", []byte{0, 0, 0, 8}, io.ErrUnexpectedEOF, 0, nil},
 		{"length 10001", []byte{0, 0, 0x27, 0x11, 0, 3, 0, 0}, errBadStartup, 0, nil},
 		{"length 4 GB", []byte{0xff, 0xff, 0xff, 0xff, 0, 3, 0, 0}, errBadStartup, 0, nil},
 		{"SSLRequest with body", []byte{0, 0, 0, 9, 0x04, 0xd2, 0x16, 0x2f, 0}, errBadStartup, 0, nil},
@@ -104,13 +109,15 @@ func TestAppendNegotiateProtocolVersion(t *testing.T) {
 		options []string
 		want    []byte
 	}{
-		{"no options", nil, []byte{'v', 0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0}},
-		{"one option", []string{"_pq_.a"}, append([]byte{'v', 0, 0, 0, 19, 0, 0, 0, 0, 0, 0, 0, 1}, "_pq_.a\x00"...)},
+		// The version is 3.0 as a full protocol number (196608), byte for
+		// byte what PostgreSQL 15 sends.
+		{"no options", nil, []byte{'v', 0, 0, 0, 12, 0, 3, 0, 0, 0, 0, 0, 0}},
+		{"one option", []string{"_pq_.a"}, append([]byte{'v', 0, 0, 0, 19, 0, 3, 0, 0, 0, 0, 0, 1}, "_pq_.a\x00"...)},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			prefix := []byte("before")
-			got := appendNegotiateProtocolVersion(append([]byte(nil), prefix...), 0, tc.options)
+			got := appendNegotiateProtocolVersion(append([]byte(nil), prefix...), protocol30, tc.options)
 			if !bytes.HasPrefix(got, prefix) {
 				t.Fatalf("prefix overwritten: %q", got)
 			}
