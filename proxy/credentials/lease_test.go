@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 )
 
@@ -85,158 +86,212 @@ func leaseStore(t *testing.T, src Source) *Store {
 	return s
 }
 
-// eventually polls cond for up to 5s.
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 func TestLeaseRenewedWhileInUse(t *testing.T) {
-	src := newLeasingSource(300*time.Millisecond, time.Hour)
-	s := leaseStore(t, src)
-	h := acquire(t, s, "db")
-	// Several TTLs later the same credential is still served and renewed.
-	time.Sleep(time.Second)
-	_, renews, revoked := src.stats()
-	if renews < 2 {
-		t.Errorf("renewals = %d, want at least 2 over three TTLs", renews)
-	}
-	if revoked != 0 {
-		t.Errorf("a lease in use was revoked")
-	}
-	h2 := acquire(t, s, "db")
-	if h2.Credential != h.Credential {
-		t.Errorf("new session got a different credential while the renewed one is fresh")
-	}
+	synctest.Test(t, func(t *testing.T) {
+		src := newLeasingSource(300*time.Millisecond, time.Hour)
+		s := leaseStore(t, src)
+		h := acquire(t, s, "db")
+		// Over three TTLs the same credential is served and renewed at each
+		// two thirds: 200ms, 400ms, 600ms, 800ms, 1000ms.
+		time.Sleep(time.Second)
+		synctest.Wait()
+		_, renews, revoked := src.stats()
+		if renews != 5 {
+			t.Errorf("renewals = %d, want 5 (every 200ms over 1s)", renews)
+		}
+		if revoked != 0 {
+			t.Errorf("a lease in use was revoked")
+		}
+		h2 := acquire(t, s, "db")
+		if h2.Credential != h.Credential {
+			t.Errorf("new session got a different credential while the renewed one is fresh")
+		}
+	})
 }
 
 func TestUnusedLeaseRetiredAndRevoked(t *testing.T) {
-	src := newLeasingSource(300*time.Millisecond, time.Hour)
-	s := leaseStore(t, src)
-	h := acquire(t, s, "db")
-	h.Release()
-	eventually(t, "revocation of the unused lease", func() bool { _, _, r := src.stats(); return r == 1 })
-	h2 := acquire(t, s, "db")
-	if h2.Credential == h.Credential {
-		t.Error("a retired credential was handed out again")
-	}
+	synctest.Test(t, func(t *testing.T) {
+		src := newLeasingSource(300*time.Millisecond, time.Hour)
+		s := leaseStore(t, src)
+		h := acquire(t, s, "db")
+		h.Release()
+		// Unused past two thirds of its TTL, the lease stays current (a
+		// fallback) until a new session rotates it; then it is revoked.
+		time.Sleep(200 * time.Millisecond)
+		h2 := acquire(t, s, "db")
+		if h2.Credential == h.Credential {
+			t.Error("a stale credential was handed out again")
+		}
+		synctest.Wait()
+		if _, _, r := src.stats(); r != 1 {
+			t.Errorf("revoked %d leases, want the unused one", r)
+		}
+	})
 }
 
 func TestMaxTTLRotatesAndEndsSessions(t *testing.T) {
-	src := newLeasingSource(300*time.Millisecond, 700*time.Millisecond)
-	s := leaseStore(t, src)
-	h := acquire(t, s, "db")
-	ended := make(chan time.Time, 1)
-	h.OnEnd(func() { ended <- time.Now() })
-	start := time.Now()
-	select {
-	case at := <-ended:
-		// Before the lease's hard end (issue + max TTL), not long before.
-		if d := at.Sub(start); d > 700*time.Millisecond || d < 300*time.Millisecond {
-			t.Errorf("session ended after %v; want shortly before the 700ms max TTL", d)
+	synctest.Test(t, func(t *testing.T) {
+		src := newLeasingSource(300*time.Millisecond, 700*time.Millisecond)
+		s := leaseStore(t, src)
+		start := time.Now()
+		h := acquire(t, s, "db")
+		ended := make(chan time.Time, 1)
+		h.OnEnd(func() { ended <- time.Now() })
+		// Renewed at 200ms (to 500ms) and 400ms (to 700ms); the renewal at
+		// 600ms is capped to 100ms: the last one. The session ends a
+		// margin (25ms) before the hard end at 700ms.
+		at := <-ended
+		if d := at.Sub(start); d != 675*time.Millisecond {
+			t.Errorf("session ended after %v; want 675ms, shortly before the 700ms max TTL", d)
 		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("session on a lease at its max TTL was never ended")
-	}
-	// New sessions already got a fresh credential.
-	h2 := acquire(t, s, "db")
-	if h2.Credential == h.Credential {
-		t.Error("new session got the credential past its max TTL")
-	}
+		// New sessions already got a fresh credential.
+		h2 := acquire(t, s, "db")
+		if h2.Credential == h.Credential {
+			t.Error("new session got the credential past its max TTL")
+		}
+	})
+}
+
+// A lease in use whose renewals fail until its end time gets one more
+// renewal attempt there, while it has not expired; when that succeeds its
+// sessions live on.
+func TestLateRenewalSavesSessions(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		src := newLeasingSource(time.Second, time.Hour)
+		s := leaseStore(t, src)
+		h := acquire(t, s, "db")
+		ended := make(chan struct{})
+		h.OnEnd(func() { close(ended) })
+		// Renewal is due at 667ms; the source is down then, and the retry
+		// 500ms later is brought forward to the end time, 750ms (a 250ms
+		// margin before expiry). The source is back at 700ms.
+		src.setDown(true)
+		time.Sleep(700 * time.Millisecond)
+		src.setDown(false)
+		time.Sleep(100 * time.Millisecond)
+		synctest.Wait()
+		select {
+		case <-ended:
+			t.Fatal("the session was ended although the lease could still be renewed")
+		default:
+		}
+		if _, renews, _ := src.stats(); renews != 1 {
+			t.Errorf("successful renewals = %d, want 1 (the late one)", renews)
+		}
+		// When the late renewal fails as well, the session ends at once.
+		src.setDown(true)
+		time.Sleep(2 * time.Second)
+		select {
+		case <-ended:
+		default:
+			t.Fatal("the session outlived a lease that could not be renewed")
+		}
+	})
 }
 
 func TestServesValidCacheWhileSourceDown(t *testing.T) {
-	src := newLeasingSource(4*time.Second, time.Hour)
-	s := leaseStore(t, src)
-	h := acquire(t, s, "db")
-	h.Release()
-	src.setDown(true)
-	// Past two thirds of the TTL the store wants a new credential, cannot
-	// get one (300ms of retries), and serves the cached one while it is
-	// valid (until 500ms before expiry).
-	time.Sleep(2800 * time.Millisecond)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	h2, err := s.Acquire(ctx, "db")
-	if err != nil {
-		t.Fatalf("Acquire while the source is down with a valid cache: %v", err)
-	}
-	if h2.Credential != h.Credential {
-		t.Error("got a different credential although the source is down")
-	}
-	h2.Release()
+	synctest.Test(t, func(t *testing.T) {
+		src := newLeasingSource(4*time.Second, time.Hour)
+		s := leaseStore(t, src)
+		h := acquire(t, s, "db")
+		h.Release()
+		src.setDown(true)
+		// Past two thirds of the TTL the store wants a new credential,
+		// cannot get one (300ms of retries), and serves the cached one while
+		// it is valid (until 200ms before expiry).
+		time.Sleep(2800 * time.Millisecond)
+		h2, err := s.Acquire(context.Background(), "db")
+		if err != nil {
+			t.Fatalf("Acquire while the source is down with a valid cache: %v", err)
+		}
+		if h2.Credential != h.Credential {
+			t.Error("got a different credential although the source is down")
+		}
+		h2.Release()
+		// Past the end of its validity it is no longer served.
+		time.Sleep(time.Second)
+		if h3, err := s.Acquire(context.Background(), "db"); err == nil {
+			h3.Release()
+			t.Error("Acquire served a credential within its expiry margin")
+		}
+	})
 }
 
 func TestSourceDownFailsFastThenRecovers(t *testing.T) {
-	src := newLeasingSource(time.Hour, time.Hour)
-	src.setDown(true)
-	s := leaseStore(t, src)
-	ctx := context.Background()
-	_, err := s.Acquire(ctx, "db")
-	var ue *UnavailableError
-	if !errors.As(err, &ue) {
-		t.Fatalf("Acquire with the source down = %v, want *UnavailableError", err)
-	}
-	// Within the backoff window, failures are immediate.
-	start := time.Now()
-	if _, err := s.Acquire(ctx, "db"); err == nil {
-		t.Fatal("Acquire succeeded with the source down")
-	}
-	if d := time.Since(start); d > 200*time.Millisecond {
-		t.Errorf("second Acquire took %v; want an immediate failure during backoff", d)
-	}
-	src.setDown(false)
-	eventually(t, "recovery after the source returns", func() bool {
-		h, err := s.Acquire(ctx, "db")
-		if err != nil {
-			return false
+	synctest.Test(t, func(t *testing.T) {
+		src := newLeasingSource(time.Hour, time.Hour)
+		src.setDown(true)
+		s := leaseStore(t, src)
+		ctx := context.Background()
+		_, err := s.Acquire(ctx, "db")
+		var ue *UnavailableError
+		if !errors.As(err, &ue) {
+			t.Fatalf("Acquire with the source down = %v, want *UnavailableError", err)
 		}
+		// Within the backoff window, failures are immediate: no time passes.
+		start := time.Now()
+		if _, err := s.Acquire(ctx, "db"); err == nil {
+			t.Fatal("Acquire succeeded with the source down")
+		}
+		if d := time.Since(start); d != 0 {
+			t.Errorf("second Acquire took %v; want an immediate failure during backoff", d)
+		}
+		src.setDown(false)
+		// The Store retries on its own after the 1s backoff.
+		time.Sleep(time.Second)
+		synctest.Wait()
+		if fetches, _, _ := src.stats(); fetches != 1 {
+			t.Errorf("successful fetches = %d after the backoff, want 1", fetches)
+		}
+		h := acquire(t, s, "db")
 		h.Release()
-		return true
 	})
 }
 
 func TestInvalidateFetchesFresh(t *testing.T) {
-	src := newLeasingSource(time.Hour, time.Hour)
-	s := leaseStore(t, src)
-	h := acquire(t, s, "db")
-	h.Invalidate()
-	h.Release()
-	h2 := acquire(t, s, "db")
-	if h2.Credential == h.Credential {
-		t.Error("an invalidated credential was handed out again")
-	}
-	eventually(t, "revocation of the invalidated lease", func() bool { _, _, r := src.stats(); return r == 1 })
+	synctest.Test(t, func(t *testing.T) {
+		src := newLeasingSource(time.Hour, time.Hour)
+		s := leaseStore(t, src)
+		h := acquire(t, s, "db")
+		h.Invalidate()
+		h.Release()
+		h2 := acquire(t, s, "db")
+		if h2.Credential == h.Credential {
+			t.Error("an invalidated credential was handed out again")
+		}
+		synctest.Wait()
+		if _, _, r := src.stats(); r != 1 {
+			t.Errorf("revoked %d leases, want the invalidated one", r)
+		}
+	})
 }
 
 func TestCloseRevokesEveryLease(t *testing.T) {
-	src := newLeasingSource(time.Hour, time.Hour)
-	s := NewStore(map[string]Source{"db": src}, Options{RevokeOnClose: true})
-	h := acquire(t, s, "db")
-	h.Invalidate() // rotated out but still in use
-	acquire(t, s, "db")
-	s.Close(context.Background())
-	if _, _, revoked := src.stats(); revoked != 2 {
-		t.Errorf("revoked %d leases at Close, want 2", revoked)
-	}
+	synctest.Test(t, func(t *testing.T) {
+		src := newLeasingSource(time.Hour, time.Hour)
+		s := NewStore(map[string]Source{"db": src}, Options{RevokeOnClose: true})
+		h := acquire(t, s, "db")
+		h.Invalidate() // rotated out but still in use
+		acquire(t, s, "db")
+		s.Close(context.Background())
+		if _, _, revoked := src.stats(); revoked != 2 {
+			t.Errorf("revoked %d leases at Close, want 2", revoked)
+		}
+	})
 }
 
 func TestWarmReportsFailures(t *testing.T) {
-	src := newLeasingSource(time.Hour, time.Hour)
-	src.setDown(true)
-	s := NewStore(map[string]Source{"db": src, "ok": NewEnv(nil)}, Options{FetchTimeout: 200 * time.Millisecond})
-	defer s.Close(context.Background())
-	got := s.Warm(context.Background())
-	if len(got) != 1 || got["db"] == nil {
-		t.Errorf("Warm = %v, want one failure for db", got)
-	}
-	if r := s.Ready(); r["db"] == nil || r["ok"] != nil {
-		t.Errorf("Ready = %v, want db not ready and ok ready", r)
-	}
+	synctest.Test(t, func(t *testing.T) {
+		src := newLeasingSource(time.Hour, time.Hour)
+		src.setDown(true)
+		s := NewStore(map[string]Source{"db": src, "ok": NewEnv(nil)}, Options{FetchTimeout: 200 * time.Millisecond})
+		defer s.Close(context.Background())
+		got := s.Warm(context.Background())
+		if len(got) != 1 || got["db"] == nil {
+			t.Errorf("Warm = %v, want one failure for db", got)
+		}
+		if r := s.Ready(); r["db"] == nil || r["ok"] != nil {
+			t.Errorf("Ready = %v, want db not ready and ok ready", r)
+		}
+	})
 }

@@ -73,7 +73,6 @@ type Options struct {
 // When the source fails, sessions keep getting a cached credential while it
 // is valid; otherwise they fail at once until a retry (with backoff) is due.
 type Store struct {
-	now  func() time.Time
 	opts Options
 	log  *zap.Logger
 	// entries is replaced whole by Update (copy on write), so Acquire reads
@@ -97,7 +96,7 @@ func NewStore(sources map[string]Source, opts Options) *Store {
 	if opts.Logger == nil {
 		opts.Logger = zap.NewNop()
 	}
-	s := &Store{now: time.Now, opts: opts, log: opts.Logger.Named("credentials")}
+	s := &Store{opts: opts, log: opts.Logger.Named("credentials")}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	entries := make(map[string]*entry, len(sources))
 	for name, src := range sources {
@@ -273,7 +272,7 @@ func (s *Store) Acquire(ctx context.Context, name string) (*Handle, error) {
 	fetched := false
 	for {
 		e.mu.Lock()
-		now := s.now()
+		now := time.Now()
 		if h := e.current; h != nil && (s.fresh(h, now) || fetched && s.valid(h, now)) {
 			if e.refresh > 0 && !h.cred.Lease.Leased() && now.Sub(e.fetched) >= e.refresh && e.inflight == nil {
 				s.startFetch(e) // re-read in the background; serve the cached value now
@@ -382,7 +381,7 @@ func (s *Store) startFetch(e *entry) chan struct{} {
 func (s *Store) fetch(e *entry) {
 	ctx, cancel := context.WithTimeout(s.ctx, s.opts.FetchTimeout)
 	defer cancel()
-	start := s.now()
+	start := time.Now()
 	var cred *Credential
 	var err error
 	for wait := 100 * time.Millisecond; ; wait = min(2*wait, time.Second) {
@@ -404,13 +403,13 @@ func (s *Store) fetch(e *entry) {
 		err = errors.New("source returned no credential")
 	}
 	if o := s.opts.Observer; o != nil {
-		o.Fetched(e.name, s.now().Sub(start), err)
+		o.Fetched(e.name, time.Now().Sub(start), err)
 	}
 
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	e.inflight = nil
-	now := s.now()
+	now := time.Now()
 	if err != nil {
 		e.lastErr = err
 		e.failures++
@@ -466,7 +465,7 @@ func (s *Store) retryLater(e *entry, t time.Time) {
 		}
 		e.mu.Lock()
 		defer e.mu.Unlock()
-		if e.lastErr != nil && e.inflight == nil && (e.current == nil || !s.valid(e.current, s.now())) {
+		if e.lastErr != nil && e.inflight == nil && (e.current == nil || !s.valid(e.current, time.Now())) {
 			s.startFetch(e)
 		}
 	}()
@@ -486,31 +485,39 @@ func (s *Store) maintain(e *entry, h *held) {
 	log := s.log.With(zap.String("credential", e.name), zap.String("lease_sha256", h.lease.IDHash()))
 	increment := h.lease.TTL
 	retry := 500 * time.Millisecond
+	// triedLate: a renewal was attempted after endAt. A maintainer that
+	// wakes late (a busy machine, renewals failing until endAt) still gives
+	// a lease in use one renewal while it has not expired, rather than end
+	// its sessions when the source could extend it.
+	triedLate := false
 	for {
 		e.mu.Lock()
 		l, final, users := h.lease, h.final, len(h.users)
 		isCurrent := e.current == h
 		e.mu.Unlock()
-		now := s.now()
+		now := time.Now()
 		renewAt := l.Issued.Add(l.TTL * 2 / 3)
 		endAt := l.Expiry().Add(-expiryMargin(l.TTL))
+		pastEnd := !now.Before(endAt)
 
 		switch {
 		case users == 0 && !isCurrent:
 			s.end(e, h, "unused", s.opts.RevokeUnused)
 			return
-		case !now.Before(endAt):
+		case pastEnd && (users == 0 || final || triedLate || !now.Before(l.Expiry())):
 			if users > 0 {
 				log.Warn("credential lease ends; closing its sessions", zap.Int("sessions", users))
 			}
 			s.end(e, h, "expired", s.opts.RevokeUnused)
 			return
 		case users > 0 && !final && !now.Before(renewAt):
+			triedLate = pastEnd
 			if !l.Renewable || e.leaser == nil {
 				s.markFinal(e, h)
 				continue
 			}
-			ctx, cancel := context.WithTimeout(s.ctx, s.opts.FetchTimeout)
+			// A renewal answered after the lease expired is of no use.
+			ctx, cancel := context.WithDeadline(s.ctx, minTime(now.Add(s.opts.FetchTimeout), l.Expiry()))
 			nl, err := e.leaser.Renew(ctx, l, increment)
 			cancel()
 			if o := s.opts.Observer; o != nil {
@@ -529,7 +536,7 @@ func (s *Store) maintain(e *entry, h *held) {
 				}
 				continue
 			}
-			retry = 500 * time.Millisecond
+			retry, triedLate = 500*time.Millisecond, false
 			e.mu.Lock()
 			h.lease = nl
 			e.mu.Unlock()
@@ -553,6 +560,13 @@ func (s *Store) maintain(e *entry, h *held) {
 	}
 }
 
+func minTime(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
+}
+
 func (s *Store) markFinal(e *entry, h *held) {
 	e.mu.Lock()
 	h.final = true
@@ -561,7 +575,7 @@ func (s *Store) markFinal(e *entry, h *held) {
 
 // sleepUntil waits until t, a signal on wake, or Close; false on Close.
 func (s *Store) sleepUntil(t time.Time, wake <-chan struct{}) bool {
-	d := t.Sub(s.now())
+	d := t.Sub(time.Now())
 	if d < 0 {
 		d = 0
 	}
@@ -637,7 +651,7 @@ func (s *Store) Ready() map[string]error {
 	out := make(map[string]error)
 	for name, e := range s.entryMap() {
 		e.mu.Lock()
-		if e.lastErr != nil && (e.current == nil || !s.valid(e.current, s.now())) {
+		if e.lastErr != nil && (e.current == nil || !s.valid(e.current, time.Now())) {
 			out[name] = e.lastErr
 		}
 		e.mu.Unlock()
