@@ -2,13 +2,13 @@ package proxy
 
 import (
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/credproxy/credproxy/protocols/postgres"
+	"github.com/credproxy/credproxy/proxy/credentials"
 )
 
 // Metrics are credproxy's Prometheus metrics. The names are an interface:
@@ -133,7 +133,7 @@ type credentialObserver struct{ m *Metrics }
 func (o credentialObserver) Fetched(name string, d time.Duration, err error) {
 	o.m.credentialFetch.WithLabelValues(name).Observe(d.Seconds())
 	if err != nil {
-		o.m.credentialErrors.WithLabelValues(name, errorKind(err)).Inc()
+		o.m.credentialErrors.WithLabelValues(name, credentials.KindOf(err).String()).Inc()
 	}
 }
 
@@ -147,23 +147,6 @@ func (o credentialObserver) Rotated(name string, err error) {
 
 func (o credentialObserver) LeasesActive(name string, n int) {
 	o.m.leasesActive.WithLabelValues(name).Set(float64(n))
-}
-
-// errorKind classifies a fetch error into a fixed label value.
-func errorKind(err error) string {
-	switch msg := err.Error(); {
-	case strings.Contains(msg, "unreachable"):
-		return "unreachable"
-	case strings.Contains(msg, "deadline exceeded"), strings.Contains(msg, "timeout"):
-		return "timeout"
-	case strings.Contains(msg, "403"), strings.Contains(msg, "permission denied"):
-		return "permission_denied"
-	case strings.Contains(msg, "login"):
-		return "login"
-	case strings.Contains(msg, "no secret at this path"), strings.Contains(msg, "404"):
-		return "not_found"
-	}
-	return "other"
 }
 
 // httpObserver adapts Metrics to the HTTP proxy's Observer.

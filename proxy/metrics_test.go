@@ -7,6 +7,10 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/credproxy/credproxy/proxy/credentials"
 )
 
 // Every metric the dashboard and alert rules use (deploy/monitoring/
@@ -56,5 +60,21 @@ func TestMonitoringMetricsExist(t *testing.T) {
 	}
 	if n < 14 {
 		t.Errorf("metrics.txt lists %d metrics; expected at least the 14 credproxy_* ones", n)
+	}
+}
+
+// Fetch failures are labelled by their kind, whatever their text says.
+func TestCredentialErrorLabelsByKind(t *testing.T) {
+	m := NewMetrics()
+	co := credentialObserver{m}
+	co.Fetched("c", time.Millisecond, &credentials.Error{Kind: credentials.KindTimeout, Msg: "unreachable: 403 not found"})
+	co.Fetched("c", time.Millisecond, errors.New("vault unreachable: 403 permission denied"))
+	for _, tc := range []struct {
+		kind string
+		want float64
+	}{{"timeout", 1}, {"other", 1}, {"unreachable", 0}, {"permission_denied", 0}} {
+		if got := testutil.ToFloat64(m.credentialErrors.WithLabelValues("c", tc.kind)); got != tc.want {
+			t.Errorf("credential_fetch_errors_total{kind=%q} = %v, want %v", tc.kind, got, tc.want)
+		}
 	}
 }

@@ -386,7 +386,7 @@ func (s *Store) fetch(e *entry) {
 	var err error
 	for wait := 100 * time.Millisecond; ; wait = min(2*wait, time.Second) {
 		cred, err = e.src.Fetch(ctx)
-		if err == nil || ctx.Err() != nil {
+		if err == nil || ctx.Err() != nil || !KindOf(err).Retryable() {
 			break
 		}
 		t := time.NewTimer(wait)

@@ -3,10 +3,7 @@ package credentials
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"net"
-	"net/url"
 	"strings"
 	"sync"
 	"time"
@@ -63,10 +60,10 @@ func (v *Vault) Fetch(ctx context.Context) (*Credential, error) {
 		return err
 	})
 	if err != nil {
-		return nil, fmt.Errorf("vault read %s: %w", path, cleanVaultError(err))
+		return nil, wrapf(vaultError(err), "vault read %s", path)
 	}
 	if secret == nil {
-		return nil, fmt.Errorf("vault read %s: no secret at this path", path)
+		return nil, &Error{Kind: KindNotFound, Msg: fmt.Sprintf("vault read %s: no secret at this path", path)}
 	}
 	data := secret.Data
 	if kv == 2 {
@@ -78,7 +75,7 @@ func (v *Vault) Fetch(ctx context.Context) (*Credential, error) {
 	}
 	fields, err := v.fields(data)
 	if err != nil {
-		return nil, fmt.Errorf("vault read %s: %w", path, err)
+		return nil, wrapf(err, "vault read %s", path)
 	}
 	cred := &Credential{Fields: fields}
 	if secret.LeaseID != "" {
@@ -149,7 +146,7 @@ func (v *Vault) resolve(ctx context.Context) (string, int, error) {
 			// written; a KV v2 shape is still recognised by kv_version.
 			v.kv = -1
 		case err != nil:
-			return "", 0, fmt.Errorf("vault: look up the mount of %s: %w", v.path, cleanVaultError(err))
+			return "", 0, wrapf(vaultError(err), "vault: look up the mount of %s", v.path)
 		case secret == nil || secret.Data == nil:
 			v.kv = -1
 		default:
@@ -193,7 +190,7 @@ func (v *Vault) Renew(ctx context.Context, lease Lease, increment time.Duration)
 		return err
 	})
 	if err != nil {
-		return lease, fmt.Errorf("vault renew lease %s: %w", shortHash(lease), cleanVaultError(err, lease.ID))
+		return lease, wrapf(vaultError(err, lease.ID), "vault renew lease %s", shortHash(lease))
 	}
 	if secret == nil {
 		return lease, fmt.Errorf("vault renew lease %s: empty response", shortHash(lease))
@@ -211,7 +208,7 @@ func (v *Vault) Revoke(ctx context.Context, lease Lease) error {
 		return c.Sys().RevokeWithContext(ctx, lease.ID)
 	})
 	if err != nil {
-		return fmt.Errorf("vault revoke lease %s: %w", shortHash(lease), cleanVaultError(err, lease.ID))
+		return wrapf(vaultError(err, lease.ID), "vault revoke lease %s", shortHash(lease))
 	}
 	return nil
 }
@@ -225,32 +222,4 @@ func shortHash(l Lease) string {
 		h = h[:12]
 	}
 	return "sha256:" + h
-}
-
-// cleanVaultError keeps Vault's answer (status and messages) and drops the
-// request URL and anything else that might carry a secret; any of the given
-// values still present is replaced by its hash.
-func cleanVaultError(err error, secrets ...string) error {
-	var re *vault.ResponseError
-	var ne net.Error
-	msg := err.Error()
-	switch {
-	case errors.As(err, &ne):
-		msg = "vault unreachable: " + ne.Error()
-		var ue *url.Error
-		if errors.As(err, &ue) {
-			msg = "vault unreachable: " + ue.Err.Error()
-		}
-	case errors.As(err, &re):
-		msg = fmt.Sprintf("%d %s", re.StatusCode, strings.Join(re.Errors, "; "))
-		if len(re.Errors) == 0 {
-			msg = fmt.Sprintf("HTTP %d", re.StatusCode)
-		}
-	}
-	for _, s := range secrets {
-		if s != "" {
-			msg = strings.ReplaceAll(msg, s, shortHash(Lease{ID: s}))
-		}
-	}
-	return errors.New(msg)
 }

@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/http"
-	"strings"
 	"sync"
 	"time"
 
@@ -160,7 +158,8 @@ func (v *VaultClient) doLogin(ctx context.Context) (*vault.Secret, error) {
 	default:
 	}
 	if err != nil {
-		v.loggedIn, v.lastErr = false, fmt.Errorf("vault login (%s): %w", v.login.Method(), err)
+		ve := vaultError(err)
+		v.loggedIn, v.lastErr = false, &Error{Kind: KindLogin, Msg: fmt.Sprintf("vault login (%s): %s", v.login.Method(), ve.Msg), Err: ve}
 		return nil, v.lastErr
 	}
 	v.api.SetToken(secret.Auth.ClientToken)
@@ -235,7 +234,8 @@ func (v *VaultClient) do(ctx context.Context, fn func(ctx context.Context, c *va
 		return err
 	}
 	if lerr := v.reLogin(ctx, epoch); lerr != nil {
-		return fmt.Errorf("%w (and logging in again failed: %v)", err, lerr)
+		ve := vaultError(err)
+		return &Error{Kind: ve.Kind, Msg: fmt.Sprintf("%s (and logging in again failed: %v)", ve.Msg, lerr), Err: ve}
 	}
 	return v.call(ctx, fn)
 }
@@ -270,7 +270,7 @@ func (v *VaultClient) reLogin(ctx context.Context, epoch int) error {
 	select {
 	case <-wait:
 	case <-ctx.Done():
-		return fmt.Errorf("vault login: %w", ctx.Err())
+		return wrapf(ctx.Err(), "vault login")
 	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
@@ -278,15 +278,6 @@ func (v *VaultClient) reLogin(ctx context.Context, epoch int) error {
 		return nil
 	}
 	return v.lastErr
-}
-
-// isPermissionDenied reports a 403 from Vault.
-func isPermissionDenied(err error) bool {
-	var re *vault.ResponseError
-	if errors.As(err, &re) {
-		return re.StatusCode == http.StatusForbidden
-	}
-	return err != nil && strings.Contains(err.Error(), "Code: 403")
 }
 
 // backoff is capped exponential backoff.
