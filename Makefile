@@ -25,20 +25,10 @@ test: ## deps, go vet, every test with -race, then a short run of every fuzz tar
 	$(GO) test -race -count=1 -timeout 20m ./...
 	$(MAKE) --no-print-directory fuzz
 
-# Every `func FuzzXxx(f *testing.F)` in a _test.go file, found anew each run,
-# fuzzed for FUZZTIME. Crashers land in the package's testdata/fuzz.
-fuzz: ## FUZZTIME (10s) of every Fuzz* target in the repo
-	@found=0; \
-	for file in $$(grep -rlE --include='*_test.go' --exclude-dir=.git --exclude-dir=.tmp \
-			--exclude-dir=testdata --exclude-dir=vendor '^func Fuzz[A-Za-z0-9_]*\(' . | sort); do \
-		pkg=$$(dirname "$$file"); \
-		for name in $$(sed -nE 's/^func (Fuzz[A-Za-z0-9_]*)\([A-Za-z_][A-Za-z0-9_]* \*testing\.F\).*/\1/p' "$$file"); do \
-			found=$$((found + 1)); \
-			echo "fuzz: $$pkg $$name for $(FUZZTIME)"; \
-			$(GO) test -run='^$$' -fuzz="^$$name\$$" -fuzztime=$(FUZZTIME) "$$pkg"; \
-		done; \
-	done; \
-	echo "fuzz: $$found targets fuzzed"
+# Every fuzz target `go test -list` finds, fuzzed for FUZZTIME. Crashers
+# land in the package's testdata/fuzz.
+fuzz: ## FUZZTIME (10s) of every Fuzz* target in the module
+	FUZZTIME=$(FUZZTIME) GO=$(GO) bash scripts/fuzz.sh
 
 test-short: ## quick unit tests
 	$(GO) test -short ./...
