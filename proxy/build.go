@@ -116,7 +116,11 @@ func (b *built) discard() {
 
 // commit makes b the running config's parts (not its listeners).
 func (s *Server) commit(b *built) {
-	s.cfg, s.svcs, s.sources = b.cfg, b.svcs, b.sources
+	s.cfg, s.sources = b.cfg, b.sources
+	s.running.Store(b.cfg)
+	s.mu.Lock() // Addrs reads it without reloadMu
+	s.svcs = b.svcs
+	s.mu.Unlock()
 	for _, sv := range b.svcs {
 		if sv.close != nil {
 			s.closers = append(s.closers, sv.close)
