@@ -91,6 +91,7 @@ func (s *Server) build(cfg *config.Config) (b *built, err error) {
 			Logger:      s.log.Named("http"),
 			Observer:    httpObserver{s.metrics},
 			DialContext: s.httpDial,
+			OwnAddrs:    s.ownAddrs,
 		})
 		if err != nil {
 			return b, err

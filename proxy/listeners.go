@@ -160,6 +160,22 @@ func (s *Server) accept(l *listener) {
 	}
 }
 
+// ownAddrs lists every address the process listens on — the admin
+// server and each service — for the HTTP proxy, which never passes a
+// tunnel through to them.
+func (s *Server) ownAddrs() []net.Addr {
+	var out []net.Addr
+	if a := s.AdminAddr(); a != nil {
+		out = append(out, a)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, l := range s.listeners {
+		out = append(out, l.ln.Addr())
+	}
+	return out
+}
+
 // newSessionID returns 96 random bits in hex.
 func newSessionID() string {
 	var b [12]byte

@@ -31,6 +31,8 @@ type Metrics struct {
 	rotations        *prometheus.CounterVec
 	httpRequests     *prometheus.CounterVec
 	configReloads    *prometheus.CounterVec
+	refused          *prometheus.CounterVec
+	timeouts         *prometheus.CounterVec
 }
 
 // NewMetrics registers every metric, with the Go and process collectors, on
@@ -55,6 +57,10 @@ func NewMetrics() *Metrics {
 		rotations:        f.counter("rotations_total", "Credentials replaced for new sessions.", "credential", "result"),
 		httpRequests:     f.counter("http_requests_total", "HTTP proxy requests by route, status code and whether a credential was injected.", "route", "code", "injected"),
 		configReloads:    f.counter("config_reloads_total", "Config reloads by result.", "result"),
+		refused: f.counter("connections_refused_total", "Connections and requests turned away by credproxy's own limits "+
+			"(max_connections, max_sessions, max_handshakes, max_upstream_connections) or its tunnel deny list (destination_denied).",
+			"protocol", "service", "reason"),
+		timeouts: f.counter("timeouts_total", "Requests ended by a timeout, by kind (body_read).", "protocol", "service", "kind"),
 	}
 	return m
 }
@@ -174,4 +180,20 @@ func (o httpObserver) Request(route string, code int, injected bool) {
 		route = "none" // no route matched: bounded, and distinct from any host
 	}
 	o.m.httpRequests.WithLabelValues(route, strconv.Itoa(code), strconv.FormatBool(injected)).Inc()
+}
+
+// Refused labels a refusal by the route, or "http" (the listener's
+// service name) for one that concerns no route.
+func (o httpObserver) Refused(route, reason string) {
+	if route == "" {
+		route = "http"
+	}
+	o.m.refused.WithLabelValues("http", route, reason).Inc()
+}
+
+func (o httpObserver) TimedOut(route, kind string) {
+	if route == "" {
+		route = "http"
+	}
+	o.m.timeouts.WithLabelValues("http", route, kind).Inc()
 }

@@ -53,7 +53,22 @@ type Credentials interface {
 // that matched none.
 type Observer interface {
 	Request(route string, code int, injected bool)
+	// Refused counts a connection or request credproxy turned away to
+	// protect itself or the host, with reason one of the Refused*
+	// constants; route is "" for the listener as a whole.
+	Refused(route, reason string)
+	// TimedOut counts a request ended by a timeout, with kind one of the
+	// Timeout* constants.
+	TimedOut(route, kind string)
 }
+
+// Refusal reasons and timeout kinds: bounded metric label values.
+const (
+	RefusedMaxConnections         = "max_connections"
+	RefusedMaxUpstreamConnections = "max_upstream_connections"
+	RefusedDestination            = "destination_denied"
+	TimeoutBodyRead               = "body_read"
+)
 
 // Options configure a Proxy.
 type Options struct {
@@ -67,6 +82,11 @@ type Options struct {
 	// through tunnels alike; nil uses a net.Dialer. Tests set it to send
 	// every host to a local server.
 	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
+
+	// OwnAddrs lists the process's other listening addresses (admin,
+	// other services), which default: tunnel never passes through to;
+	// the listeners given to Serve are added to them.
+	OwnAddrs func() []net.Addr
 
 	// For tests: certificate lifetime and how often certmagic looks for
 	// certificates to renew.
@@ -95,7 +115,12 @@ type Proxy struct {
 	tunnelDefault bool
 
 	dial      func(ctx context.Context, network, addr string) (net.Conn, error)
-	transport *http.Transport
+	transport *http.Transport // routed requests
+	// Passing through (default: tunnel): the dialer checks the deny list.
+	deny          *denyList
+	extraOwn      func() []net.Addr
+	passDial      func(ctx context.Context, network, addr string) (net.Conn, error)
+	passTransport *http.Transport
 	certs     *certManager
 	gp        *goproxy.ProxyHttpServer
 
@@ -151,6 +176,7 @@ func New(opts Options) (*Proxy, error) {
 		cfg: cfg, routes: routes, creds: opts.Credentials, audit: opts.Audit, log: opts.Logger, obs: opts.Observer,
 		tunnelDefault: cfg.Default == "tunnel",
 		dial:          opts.DialContext,
+		extraOwn:      opts.OwnAddrs,
 		outerLn:       newConnListener(), innerLn: newConnListener(),
 		listeners: make(map[net.Listener]struct{}), conns: make(map[*clientConn]struct{}),
 	}
@@ -167,6 +193,14 @@ func New(opts Options) (*Proxy, error) {
 		d := &net.Dialer{KeepAlive: 30 * time.Second}
 		p.dial = d.DialContext
 	}
+	deny := cfg.TunnelDeny
+	if deny == nil {
+		deny = config.DefaultTunnelDeny
+	}
+	if p.deny, err = newDenyList(deny, p.ownAddrs); err != nil {
+		return nil, err
+	}
+	p.passDial = p.passDialer(opts.DialContext)
 	p.ctx, p.cancel = context.WithCancel(context.Background())
 
 	p.transport = &http.Transport{
@@ -186,6 +220,12 @@ func New(opts Options) (*Proxy, error) {
 		// The app's Accept-Encoding goes upstream as sent and the response
 		// comes back as the upstream encoded it.
 		DisableCompression: true,
+	}
+	p.passTransport = p.transport.Clone()
+	p.passTransport.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		ctx, cancel := context.WithTimeout(ctx, dialTimeout)
+		defer cancel()
+		return p.passDial(ctx, network, addr)
 	}
 	p.certs = newCertManager(ca, routes.routed, certOptions{validity: opts.certValidity, renewInterval: opts.renewInterval},
 		p.log.Named("certs"))
@@ -211,6 +251,8 @@ func New(opts Options) (*Proxy, error) {
 type nopObserver struct{}
 
 func (nopObserver) Request(string, int, bool) {}
+func (nopObserver) Refused(string, string)    {}
+func (nopObserver) TimedOut(string, string)   {}
 
 func (p *Proxy) newServer(h http.Handler, name string) *http.Server {
 	return &http.Server{
@@ -427,6 +469,7 @@ func (p *Proxy) Close() error {
 		p.accepted.Wait()
 		p.servers.Wait()
 		p.transport.CloseIdleConnections()
+		p.passTransport.CloseIdleConnections()
 		p.certs.stop()
 	})
 	return nil
