@@ -121,8 +121,8 @@ type Proxy struct {
 	extraOwn      func() []net.Addr
 	passDial      func(ctx context.Context, network, addr string) (net.Conn, error)
 	passTransport *http.Transport
-	certs     *certManager
-	gp        *goproxy.ProxyHttpServer
+	certs         *certManager
+	gp            *goproxy.ProxyHttpServer
 
 	// outer serves connections on the proxy listener; inner serves the
 	// decrypted inside of intercepted tunnels.
