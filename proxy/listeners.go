@@ -42,11 +42,13 @@ func (sv svc) release() {
 // key identifies a service's listener across reloads: its address, or for
 // an ephemeral port (":0", tests) its name and address, since several
 // services may ask for one.
-func (sv svc) key() string {
-	if strings.HasSuffix(sv.listen, ":0") {
-		return sv.name + "|" + sv.listen
+func (sv svc) key() string { return svcKey(sv.name, sv.listen) }
+
+func svcKey(name, listen string) string {
+	if strings.HasSuffix(listen, ":0") {
+		return name + "|" + listen
 	}
-	return sv.listen
+	return listen
 }
 
 // listener is one bound address. Its handler can be swapped by a reload:

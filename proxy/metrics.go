@@ -123,10 +123,15 @@ func (o postgresObserver) SessionEnded(service, res string, d time.Duration, in,
 func (o postgresObserver) Denied(service, kind string) {
 	o.m.sessionsTotal.WithLabelValues("postgres", service, "denied").Inc()
 	// A client that sends garbage (or a TCP health check that connects and
-	// closes) is not an authentication failure worth alerting on.
-	if kind != postgres.KindBadStartup {
+	// closes), or one turned away over a limit, is not an authentication
+	// failure worth alerting on.
+	if kind != postgres.KindBadStartup && kind != postgres.KindTooManyClients {
 		o.m.authFailures.WithLabelValues("postgres", service, kind).Inc()
 	}
+}
+
+func (o postgresObserver) Refused(service, reason string) {
+	o.m.refused.WithLabelValues("postgres", service, reason).Inc()
 }
 
 func (o postgresObserver) UpstreamConnected(service string, d time.Duration) {

@@ -17,6 +17,7 @@ import (
 	"github.com/credproxy/credproxy/protocols/postgres"
 	"github.com/credproxy/credproxy/proxy/audit"
 	"github.com/credproxy/credproxy/proxy/credentials"
+	"github.com/credproxy/credproxy/proxy/limit"
 )
 
 // ConnHandler serves one accepted connection; it owns and closes conn.
@@ -54,6 +55,7 @@ type Server struct {
 	vaults   []*credentials.VaultClient // every client made, closed at Close
 	audits   []*audit.Writer            // every audit file opened, closed at Close
 	closers  []func() error             // every handler with resources of its own
+	limits   map[string]*limit.Listener // each listener's counters, by svc.key
 	httpDial func(ctx context.Context, network, addr string) (net.Conn, error)
 
 	mu         sync.Mutex
@@ -84,7 +86,7 @@ func New(cfg *config.Config, log *zap.Logger) (*Server, error) {
 // NewWithOptions is New with Options.
 func NewWithOptions(cfg *config.Config, log *zap.Logger, o Options) (*Server, error) {
 	s := &Server{log: log, metrics: NewMetrics(), audit: &swapSink{}, cancels: postgres.NewCancelRegistry(),
-		listeners: make(map[string]*listener), httpDial: o.HTTPDial}
+		listeners: make(map[string]*listener), httpDial: o.HTTPDial, limits: make(map[string]*limit.Listener)}
 	s.sessCtx, s.killAll = context.WithCancel(context.Background())
 	s.metrics.registerReady(func() bool { return len(s.notReady()) == 0 })
 	b, err := s.build(cfg)

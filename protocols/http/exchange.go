@@ -83,7 +83,7 @@ func (p *Proxy) newExchange(w http.ResponseWriter, r *http.Request, c *clientCon
 	}
 	r = r.WithContext(context.WithValue(r.Context(), exchangeKey{}, x))
 	if r.Body != nil && r.Body != http.NoBody {
-		r.Body = &countingBody{ReadCloser: r.Body, n: &x.bytesIn}
+		r.Body = p.newBody(w, r.Body, &x.bytesIn)
 	}
 	x.req = r
 	return x

@@ -41,6 +41,7 @@ import (
 	"github.com/credproxy/credproxy/config"
 	"github.com/credproxy/credproxy/proxy/audit"
 	"github.com/credproxy/credproxy/proxy/credentials"
+	"github.com/credproxy/credproxy/proxy/limit"
 )
 
 // Credentials is what the proxy needs from the credential store.
@@ -83,6 +84,12 @@ type Options struct {
 	// every host to a local server.
 	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
 
+	// Limits counts the listener's connections against
+	// Config.MaxConnections (0: no limit). The engine shares one between
+	// the proxies a reload swaps, so the count carries over; nil gives the
+	// proxy a counter of its own.
+	Limits *limit.Listener
+
 	// OwnAddrs lists the process's other listening addresses (admin,
 	// other services), which default: tunnel never passes through to;
 	// the listeners given to Serve are added to them.
@@ -116,6 +123,7 @@ type Proxy struct {
 
 	dial      func(ctx context.Context, network, addr string) (net.Conn, error)
 	transport *http.Transport // routed requests
+	limits        *limit.Listener
 	// Passing through (default: tunnel): the dialer checks the deny list.
 	deny          *denyList
 	extraOwn      func() []net.Addr
@@ -177,6 +185,7 @@ func New(opts Options) (*Proxy, error) {
 		tunnelDefault: cfg.Default == "tunnel",
 		dial:          opts.DialContext,
 		extraOwn:      opts.OwnAddrs,
+		limits:        opts.Limits,
 		outerLn:       newConnListener(), innerLn: newConnListener(),
 		listeners: make(map[net.Listener]struct{}), conns: make(map[*clientConn]struct{}),
 	}
@@ -193,7 +202,10 @@ func New(opts Options) (*Proxy, error) {
 		d := &net.Dialer{KeepAlive: 30 * time.Second}
 		p.dial = d.DialContext
 	}
-	deny := cfg.TunnelDeny
+	if p.limits == nil {
+		p.limits = &limit.Listener{}
+	}
+		deny := cfg.TunnelDeny
 	if deny == nil {
 		deny = config.DefaultTunnelDeny
 	}
@@ -221,7 +233,10 @@ func New(opts Options) (*Proxy, error) {
 		// comes back as the upstream encoded it.
 		DisableCompression: true,
 	}
-	p.passTransport = p.transport.Clone()
+	for _, r := range routes.routes {
+		p.boundRoute(r)
+	}
+		p.passTransport = p.transport.Clone()
 	p.passTransport.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
 		ctx, cancel := context.WithTimeout(ctx, dialTimeout)
 		defer cancel()
@@ -258,7 +273,7 @@ func (p *Proxy) newServer(h http.Handler, name string) *http.Server {
 	return &http.Server{
 		Handler:           h,
 		ReadHeaderTimeout: readHeaderTimeout,
-		IdleTimeout:       idleTimeout,
+		IdleTimeout:       p.idleTimeout(),
 		MaxHeaderBytes:    1 << 20,
 		ErrorLog:          stdLog(p.log.Named(name)),
 		BaseContext:       func(net.Listener) context.Context { return p.ctx },
@@ -384,6 +399,10 @@ func (p *Proxy) Serve(ctx context.Context, ln net.Listener) error {
 // log (each tunnel is one session). Cancelling ctx closes the connection at
 // once; Shutdown lets it finish first.
 func (p *Proxy) ServeConn(ctx context.Context, conn net.Conn, sessionID string) error {
+	if !p.limits.Conns.TryAcquire(p.cfg.MaxConnections) {
+		return p.refuseConn(conn, sessionID)
+	}
+	defer p.limits.Conns.Release()
 	c := newClientConn(conn, sessionID)
 	p.mu.Lock()
 	if p.closing {
@@ -470,6 +489,11 @@ func (p *Proxy) Close() error {
 		p.servers.Wait()
 		p.transport.CloseIdleConnections()
 		p.passTransport.CloseIdleConnections()
+		for _, r := range p.routes.routes {
+			if r.transport != nil {
+				r.transport.CloseIdleConnections()
+			}
+		}
 		p.certs.stop()
 	})
 	return nil
