@@ -123,7 +123,7 @@ type Proxy struct {
 
 	dial      func(ctx context.Context, network, addr string) (net.Conn, error)
 	transport *http.Transport // routed requests
-	limits        *limit.Listener
+	limits    *limit.Listener
 	// Passing through (default: tunnel): the dialer checks the deny list.
 	deny          *denyList
 	extraOwn      func() []net.Addr
@@ -205,7 +205,7 @@ func New(opts Options) (*Proxy, error) {
 	if p.limits == nil {
 		p.limits = &limit.Listener{}
 	}
-		deny := cfg.TunnelDeny
+	deny := cfg.TunnelDeny
 	if deny == nil {
 		deny = config.DefaultTunnelDeny
 	}
@@ -236,7 +236,7 @@ func New(opts Options) (*Proxy, error) {
 	for _, r := range routes.routes {
 		p.boundRoute(r)
 	}
-		p.passTransport = p.transport.Clone()
+	p.passTransport = p.transport.Clone()
 	p.passTransport.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
 		ctx, cancel := context.WithTimeout(ctx, dialTimeout)
 		defer cancel()
