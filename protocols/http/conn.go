@@ -238,6 +238,10 @@ type countingBody struct {
 	n       *atomic.Int64
 	rc      *http.ResponseController
 	timeout time.Duration // 0: none
+	// stalled is set when the body timed out: the server cancels the
+	// request as its read fails, so the error that reaches the exchange
+	// may be the cancellation rather than BodyTimeoutError.
+	stalled atomic.Bool
 }
 
 // newBody wraps a request body; w is the server's ResponseWriter, through
@@ -259,6 +263,7 @@ func (b *countingBody) Read(p []byte) (int, error) {
 	if b.timeout > 0 && err != nil {
 		var ne net.Error
 		if errors.As(err, &ne) && ne.Timeout() {
+			b.stalled.Store(true)
 			return n, &BodyTimeoutError{After: b.timeout}
 		}
 		// The body is over: clear the deadline before the server's

@@ -136,6 +136,10 @@ func (x *exchange) limitFailure(err error) *http.Response {
 		bt *BodyTimeoutError
 		ul *UpstreamLimitError
 	)
+	if cb, ok := x.req.Body.(*countingBody); ok && cb.stalled.Load() && !errors.As(err, &bt) {
+		bt = &BodyTimeoutError{After: cb.timeout}
+		err = bt
+	}
 	switch {
 	case errors.As(err, &bt):
 		x.p.obs.TimedOut(route, TimeoutBodyRead)
