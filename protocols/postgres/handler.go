@@ -182,8 +182,11 @@ func (e *tooManyError) Error() string {
 	return fmt.Sprintf("sorry, too many clients already: %s %d reached", e.key, e.limit)
 }
 
-// refuseAtOnce answers a connection over max_handshakes with FATAL 53300
-// before reading anything, audits and counts it, and closes.
+// refuseAtOnce answers a connection over max_handshakes with FATAL 53300,
+// audits and counts it. The connection holds no handshake place: while
+// one of the listener's few lingering places is free, the FATAL follows
+// the client's startup packet (or a second's silence), as PostgreSQL
+// sends it; past those it is sent at once, reading nothing.
 func (s *session) refuseAtOnce() error {
 	h := s.h
 	err := &tooManyError{key: "max_handshakes", limit: h.cfg.MaxHandshakes, reason: RefusedMaxHandshakes}
@@ -199,8 +202,36 @@ func (s *session) refuseAtOnce() error {
 	if ce := s.log.Check(zap.DebugLevel, "session refused"); ce != nil {
 		ce.Write(zap.String("reason", reason), zap.String("sqlstate", resp.Code), zap.String("error", resp.Message))
 	}
-	h.limits.Refuse(s.client.Conn, msg)
+	conn := s.client.Conn
+	release, ok := h.limits.Linger()
+	if !ok {
+		h.limits.Refuse(conn, msg) // closes at once
+		return err
+	}
+	defer release()
+	readStartupBriefly(conn)
+	_ = conn.SetWriteDeadline(time.Now().Add(time.Second))
+	_, _ = conn.Write(msg)
 	return err
+}
+
+// readStartupBriefly reads, for at most limit.LingerFor, up to a
+// client's startup packet, answering SSLRequest and GSSENCRequest with
+// 'N': libpq shows an error that arrives in place of the answer to its
+// SSLRequest only as "server sent an error response during SSL exchange",
+// and an error after the startup packet is what PostgreSQL sends.
+func readStartupBriefly(conn net.Conn) {
+	_ = conn.SetDeadline(time.Now().Add(limit.LingerFor))
+	rd := bufio.NewReaderSize(conn, 512)
+	for range 3 {
+		p, err := readStartupPacket(rd)
+		if err != nil || (p.code != sslRequestCode && p.code != gssEncRequestCode) || rd.Buffered() > 0 {
+			return
+		}
+		if _, err := conn.Write([]byte{'N'}); err != nil {
+			return
+		}
+	}
 }
 
 // takeSession takes a max_sessions place once the startup packet is in,
@@ -250,6 +281,9 @@ func (s *session) run(ctx context.Context) error {
 	if !stopHandshake() {
 		return s.end(errors.New("closed by shutdown during handshake"))
 	}
+	// Established: the handshake place is free before the app can see
+	// ReadyForQuery and open its next connection.
+	s.leaveHandshake()
 	out = s.appendHandover(out, up, &key)
 	_ = s.raw.SetDeadline(time.Now().Add(h.cfg.StartupTimeout.D()))
 	if _, err := s.raw.Write(out); err != nil {
@@ -267,7 +301,6 @@ func (s *session) run(ctx context.Context) error {
 	}
 	h.audit.Record(rec)
 	s.started = true
-	s.leaveHandshake()
 	h.obs.SessionStarted(h.cfg.Name)
 	s.log.Info("session started", zap.String("upstream", h.cfg.Upstream),
 		zap.String("database", s.database), zap.String("db_user", s.dbUser), zap.String("credential", handle.Name))

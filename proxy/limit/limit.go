@@ -71,13 +71,27 @@ func (l *Listener) Refuse(c net.Conn, msg []byte) {
 	if _, err := c.Write(msg); err != nil {
 		return
 	}
-	if !l.lingering.TryAcquire(maxLingering) {
+	release, ok := l.Linger()
+	if !ok {
 		return
 	}
-	defer l.lingering.Release()
+	defer release()
 	if cw, ok := c.(interface{ CloseWrite() error }); ok {
 		_ = cw.CloseWrite()
 	}
 	_ = c.SetReadDeadline(time.Now().Add(lingerFor))
 	_, _ = io.Copy(io.Discard, io.LimitReader(c, lingerBytes))
 }
+
+// Linger takes one of the listener's few places for a refusal that waits
+// on its client (at most maxLingering at once); ok is false when none is
+// free, and the refusal must not wait.
+func (l *Listener) Linger() (release func(), ok bool) {
+	if !l.lingering.TryAcquire(maxLingering) {
+		return nil, false
+	}
+	return l.lingering.Release, true
+}
+
+// LingerFor is how long a lingering refusal may wait on its client.
+const LingerFor = lingerFor
