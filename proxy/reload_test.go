@@ -2,11 +2,13 @@ package proxy
 
 import (
 	"context"
+	"net"
 	"slices"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgproto3/v2"
 	"go.uber.org/zap"
 
 	"github.com/credproxy/credproxy/config"
@@ -102,5 +104,85 @@ func TestShutdownDuringReloadClosesNewListeners(t *testing.T) {
 	}
 	if n := len(srv.Addrs()); n != 1 {
 		t.Errorf("%d listeners registered after shutdown, want the 1 it closed", n)
+	}
+}
+
+// counterValue reads one series of a counter vector from the registry.
+func counterValue(t *testing.T, srv *Server, name string, labels map[string]string) float64 {
+	t.Helper()
+	families, err := srv.Metrics().Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		if f.GetName() != name {
+			continue
+		}
+	next:
+		for _, m := range f.GetMetric() {
+			for _, lp := range m.GetLabel() {
+				if v, ok := labels[lp.GetName()]; ok && v != lp.GetValue() {
+					continue next
+				}
+			}
+			return m.GetCounter().GetValue()
+		}
+	}
+	return 0
+}
+
+// The engine keeps a listener's counters across reloads: a changed
+// service's new handler counts the sessions its old one still serves.
+// Refusals are counted in credproxy_connections_refused_total.
+func TestLimitsCarryAcrossReloadAndAreCounted(t *testing.T) {
+	cfg := testConfig(t, fakeUpstream(t))
+	cfg.Postgres[0].MaxSessions = 1
+	srv := startServer(t, cfg)
+	defer srv.Close()
+	addr := srv.Addrs()[0].String()
+	c := connect(t, addr)
+	defer c.Close()
+
+	next := *cfg
+	next.Postgres = slices.Clone(cfg.Postgres)
+	next.Postgres[0].StartupTimeout = config.Duration(5 * time.Second) // a changed service: a new handler
+	if err := srv.Reload(&next); err != nil {
+		t.Fatal(err)
+	}
+	if refusal := startupError(t, addr); refusal == nil || refusal.Code != "53300" {
+		t.Fatalf("a second session after the reload: %+v, want 53300", refusal)
+	}
+	want := map[string]string{"protocol": "postgres", "service": "db", "reason": "max_sessions"}
+	if v := counterValue(t, srv, "credproxy_connections_refused_total", want); v != 1 {
+		t.Errorf("credproxy_connections_refused_total%v = %v, want 1", want, v)
+	}
+}
+
+// startupError runs a startup and returns the ErrorResponse it ends with,
+// or nil if it reaches ReadyForQuery.
+func startupError(t *testing.T, addr string) *pgproto3.ErrorResponse {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	fe := pgproto3.NewFrontend(pgproto3.NewChunkReader(c), c)
+	if err := fe.Send(&pgproto3.StartupMessage{ProtocolVersion: pgproto3.ProtocolVersionNumber,
+		Parameters: map[string]string{"user": "x", "database": "d"}}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		m, err := fe.Receive()
+		if err != nil {
+			t.Fatalf("startup: %v", err)
+		}
+		switch m := m.(type) {
+		case *pgproto3.ErrorResponse:
+			return m
+		case *pgproto3.ReadyForQuery:
+			return nil
+		}
 	}
 }
