@@ -1,8 +1,13 @@
 package proxy
 
 import (
+	"bufio"
 	"context"
+	"fmt"
+	"io"
 	"net"
+	"net/http"
+	"path/filepath"
 	"slices"
 	"sync"
 	"testing"
@@ -12,6 +17,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/credproxy/credproxy/config"
+	httpproxy "github.com/credproxy/credproxy/protocols/http"
 )
 
 // blockedReload starts a reload that adds a listener and holds it after
@@ -183,6 +189,36 @@ func startupError(t *testing.T, addr string) *pgproto3.ErrorResponse {
 			return m
 		case *pgproto3.ReadyForQuery:
 			return nil
+		}
+	}
+}
+
+// The HTTP proxy's pass-through never reaches credproxy's other listeners
+// — the admin server, a Postgres service — even with an empty deny list.
+func TestTunnelRefusesOwnListeners(t *testing.T) {
+	dir := t.TempDir()
+	if err := httpproxy.InitCA(dir, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	cfg := testConfig(t, fakeUpstream(t))
+	cfg.Admin = &config.Admin{Listen: "127.0.0.1:0"}
+	cfg.HTTP = &config.HTTP{Listen: "127.0.0.1:0", Default: "tunnel", TunnelDeny: []string{},
+		CA: config.HTTPCA{CertFile: filepath.Join(dir, httpproxy.CACertFile), KeyFile: filepath.Join(dir, httpproxy.CAKeyFile)}}
+	srv := startServer(t, cfg)
+	defer srv.Close()
+	addrs := srv.Addrs()
+	proxyAddr := addrs[len(addrs)-1].String()
+	for _, target := range []string{srv.AdminAddr().String(), addrs[0].String()} {
+		c, err := net.Dial("tcp", proxyAddr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		fmt.Fprintf(c, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", target, target)
+		resp, err := http.ReadResponse(bufio.NewReader(c), &http.Request{Method: http.MethodConnect})
+		c.Close()
+		if err != nil || resp.StatusCode != http.StatusForbidden {
+			t.Errorf("CONNECT %s: %v %v, want 403", target, resp, err)
 		}
 	}
 }
