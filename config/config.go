@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"strings"
 	"time"
 
@@ -105,6 +106,16 @@ type Postgres struct {
 	StartupTimeout Duration `yaml:"startup_timeout"`
 	// ConnectTimeout bounds credential fetch, upstream dial, TLS and auth (default 10s).
 	ConnectTimeout Duration `yaml:"connect_timeout"`
+	// MaxSessions bounds the established sessions on this listener; one
+	// more is refused after its startup packet with FATAL 53300, as
+	// PostgreSQL refuses one over max_connections. 0 (default): derived
+	// from the open-file limit (see README).
+	MaxSessions int `yaml:"max_sessions"`
+	// MaxHandshakes bounds the connections still in their handshake
+	// (startup, TLS, credential fetch, upstream login); one more is
+	// refused at once, before anything is read, with FATAL 53300. 0
+	// (default): derived from the open-file limit.
+	MaxHandshakes int `yaml:"max_handshakes"`
 }
 
 // PostgresTLS is TLS from credproxy to the upstream database.
@@ -129,6 +140,23 @@ type HTTP struct {
 	UpstreamCAFile string      `yaml:"upstream_ca_file"`
 	Default        string      `yaml:"default"` // deny (default) | tunnel
 	Routes         []HTTPRoute `yaml:"routes"`
+	// TunnelDeny lists the destinations (CIDRs or single addresses) that
+	// default: tunnel never passes through to, checked against the address
+	// actually dialed. Absent: DefaultTunnelDeny (loopback, link-local,
+	// unspecified); a list given replaces it. credproxy's own listeners are
+	// refused whatever the list says.
+	TunnelDeny []string `yaml:"tunnel_deny"`
+	// MaxConnections bounds the app connections this listener holds open;
+	// one more is answered 503 at once and closed. 0 (default): derived
+	// from the open-file limit (see README).
+	MaxConnections int `yaml:"max_connections"`
+	// IdleTimeout closes a kept-alive app connection that sends no next
+	// request for this long (default 2m).
+	IdleTimeout Duration `yaml:"idle_timeout"`
+	// BodyReadTimeout ends a request whose body makes no progress for this
+	// long: no byte from the app (default 30s). A body that keeps flowing
+	// is never cut, however long it takes.
+	BodyReadTimeout Duration `yaml:"body_read_timeout"`
 }
 
 // HTTPCA signs interception certificates.
@@ -143,7 +171,11 @@ type HTTPRoute struct {
 	Credentials   string `yaml:"credentials"`
 	Upstream      string `yaml:"upstream"` // https (default) | http
 	MaxConcurrent int    `yaml:"max_concurrent"`
-	Inject        Inject `yaml:"inject"`
+	// MaxUpstreamConnections bounds the connections open to the route's
+	// upstream, idle ones included; a request that finds none free within
+	// the dial timeout gets 503. 0 (default): no bound of its own.
+	MaxUpstreamConnections int    `yaml:"max_upstream_connections"`
+	Inject                 Inject `yaml:"inject"`
 }
 
 // Inject says how a route places the credential; exactly one is set.
@@ -200,4 +232,22 @@ func (p Postgres) TLSServerName() string {
 		return host
 	}
 	return p.Upstream
+}
+
+// ParseDestination reads an http.tunnel_deny entry: a CIDR ("10.0.0.0/8")
+// or a single address ("169.254.169.254", "::1"), masked to its prefix.
+func ParseDestination(s string) (netip.Prefix, error) {
+	s = strings.TrimSpace(s)
+	if strings.Contains(s, "/") {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return netip.Prefix{}, fmt.Errorf("%q is not a CIDR such as 169.254.0.0/16 or an address", s)
+		}
+		return p.Masked(), nil
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil || a.Zone() != "" {
+		return netip.Prefix{}, fmt.Errorf("%q is not a CIDR such as 169.254.0.0/16 or an address", s)
+	}
+	return netip.PrefixFrom(a, a.BitLen()), nil
 }

@@ -19,10 +19,22 @@ const (
 	DefaultHTTPDefault    = "deny"
 	DefaultRouteUpstream  = "https"
 
+	DefaultHTTPIdleTimeout     = 2 * time.Minute
+	DefaultHTTPBodyReadTimeout = 30 * time.Second
+
 	DefaultSocketMode          = "0666"
 	DefaultVaultRequestTimeout = 5 * time.Second
 	DefaultKVRefreshInterval   = 5 * time.Minute
 )
+
+// DefaultTunnelDeny is http.tunnel_deny when the file gives none: loopback,
+// link-local (cloud metadata at 169.254.169.254 among them) and the
+// unspecified addresses, which reach the host itself.
+var DefaultTunnelDeny = []string{
+	"127.0.0.0/8", "::1/128",
+	"169.254.0.0/16", "fe80::/10",
+	"0.0.0.0/8", "::/128",
+}
 
 // applyDefaults fills unset keys. present holds the key paths the file gave
 // a value, so an explicit zero (shutdown_grace: 0s) is kept, not defaulted.
@@ -82,6 +94,15 @@ func (c *Config) applyDefaults(present map[string]bool) {
 	if h := c.HTTP; h != nil {
 		if h.Default == "" {
 			h.Default = DefaultHTTPDefault
+		}
+		if !present["http.tunnel_deny"] {
+			h.TunnelDeny = append([]string(nil), DefaultTunnelDeny...)
+		}
+		if !present["http.idle_timeout"] {
+			h.IdleTimeout = Duration(DefaultHTTPIdleTimeout)
+		}
+		if !present["http.body_read_timeout"] {
+			h.BodyReadTimeout = Duration(DefaultHTTPBodyReadTimeout)
 		}
 		for i := range h.Routes {
 			if h.Routes[i].Upstream == "" {

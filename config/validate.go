@@ -342,6 +342,15 @@ func (c *Config) validatePostgres(v *validator, ls listeners, i int) {
 	if p.ConnectTimeout <= 0 {
 		v.add(path+".connect_timeout", "must be greater than 0")
 	}
+	v.notNegative(path+".max_sessions", p.MaxSessions)
+	v.notNegative(path+".max_handshakes", p.MaxHandshakes)
+}
+
+// notNegative checks a limit where 0 means the default.
+func (v *validator) notNegative(path string, n int) {
+	if n < 0 {
+		v.add(path, "must not be negative (0 or absent: the default)")
+	}
 }
 
 // pairedFiles checks a cert_file/key_file pair: both or (unless required) neither.
@@ -410,6 +419,18 @@ func (c *Config) validateHTTP(v *validator, ls listeners) {
 	}
 	v.optionalFile("http.upstream_ca_file", h.UpstreamCAFile)
 	v.oneOf("http.default", h.Default, httpDefaults)
+	for i, d := range h.TunnelDeny {
+		if _, err := ParseDestination(d); err != nil {
+			v.add(fmt.Sprintf("http.tunnel_deny[%d]", i), "%v", err)
+		}
+	}
+	v.notNegative("http.max_connections", h.MaxConnections)
+	if h.IdleTimeout <= 0 {
+		v.add("http.idle_timeout", "must be greater than 0")
+	}
+	if h.BodyReadTimeout <= 0 {
+		v.add("http.body_read_timeout", "must be greater than 0")
+	}
 
 	hosts := map[string]int{}
 	for i, r := range h.Routes {
@@ -431,6 +452,9 @@ func (c *Config) validateHTTP(v *validator, ls listeners) {
 		v.oneOf(path+".upstream", r.Upstream, upstreams)
 		if r.MaxConcurrent < 0 {
 			v.add(path+".max_concurrent", "must not be negative")
+		}
+		if r.MaxUpstreamConnections < 0 {
+			v.add(path+".max_upstream_connections", "must not be negative")
 		}
 		v.validateInject(path+".inject", r.Inject)
 	}

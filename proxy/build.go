@@ -12,6 +12,7 @@ import (
 	"github.com/credproxy/credproxy/protocols/postgres"
 	"github.com/credproxy/credproxy/proxy/audit"
 	"github.com/credproxy/credproxy/proxy/credentials"
+	"github.com/credproxy/credproxy/proxy/limit"
 )
 
 // built is everything made from one config before any of it is used, so a
@@ -64,9 +65,21 @@ func (s *Server) build(cfg *config.Config) (b *built, err error) {
 		b.audit = b.writer
 	}
 
+	share := limit.Share(limit.OpenFileLimit(), len(cfg.Postgres)+btoi(cfg.HTTP != nil))
 	for _, pc := range cfg.Postgres {
+		eff := pc // with the derived limits; spec keeps what the file said
+		defSessions, defHandshakes := limit.PostgresDefaults(share)
+		if eff.MaxSessions == 0 {
+			eff.MaxSessions = defSessions
+		}
+		if eff.MaxHandshakes == 0 {
+			eff.MaxHandshakes = defHandshakes
+		}
+		s.log.Debug("connection limits", zap.String("service", pc.Name),
+			zap.Int("max_sessions", eff.MaxSessions), zap.Int("max_handshakes", eff.MaxHandshakes))
 		h, err := postgres.NewHandler(postgres.Options{
-			Service:      pc,
+			Service:      eff,
+			Limits:       s.limitsFor(svcKey(pc.Name, pc.Listen)),
 			Credentials:  s.storeFor(),
 			Audit:        s.audit,
 			AuditQueries: cfg.Audit.Queries,
@@ -84,13 +97,20 @@ func (s *Server) build(cfg *config.Config) (b *built, err error) {
 		b.svcs = append(b.svcs, svc{name: pc.Name, listen: pc.Listen, socketMode: pc.SocketMode, spec: spec, handler: h})
 	}
 	if hc := cfg.HTTP; hc != nil {
+		eff := *hc
+		if eff.MaxConnections == 0 {
+			eff.MaxConnections = share
+		}
+		s.log.Debug("connection limits", zap.String("service", "http"), zap.Int("max_connections", eff.MaxConnections))
 		hp, err := httpproxy.New(httpproxy.Options{
-			Config:      *hc,
+			Config:      eff,
+			Limits:      s.limitsFor(svcKey("http", hc.Listen)),
 			Credentials: s.storeFor(),
 			Audit:       s.audit,
 			Logger:      s.log.Named("http"),
 			Observer:    httpObserver{s.metrics},
 			DialContext: s.httpDial,
+			OwnAddrs:    s.ownAddrs,
 		})
 		if err != nil {
 			return b, err
@@ -116,7 +136,11 @@ func (b *built) discard() {
 
 // commit makes b the running config's parts (not its listeners).
 func (s *Server) commit(b *built) {
-	s.cfg, s.svcs, s.sources = b.cfg, b.svcs, b.sources
+	s.cfg, s.sources = b.cfg, b.sources
+	s.running.Store(b.cfg)
+	s.mu.Lock() // Addrs reads it without reloadMu
+	s.svcs = b.svcs
+	s.mu.Unlock()
 	for _, sv := range b.svcs {
 		if sv.close != nil {
 			s.closers = append(s.closers, sv.close)
@@ -166,4 +190,23 @@ func BuildSources(secrets map[string]config.Secret, vault *credentials.VaultClie
 		}
 	}
 	return out, nil
+}
+
+// limitsFor returns the counters of the listener at key, kept across
+// reloads so a changed service's new handler counts the connections its
+// old one still holds. reloadMu is held.
+func (s *Server) limitsFor(key string) *limit.Listener {
+	if l, ok := s.limits[key]; ok {
+		return l
+	}
+	l := &limit.Listener{}
+	s.limits[key] = l
+	return l
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }

@@ -42,11 +42,13 @@ func (sv svc) release() {
 // key identifies a service's listener across reloads: its address, or for
 // an ephemeral port (":0", tests) its name and address, since several
 // services may ask for one.
-func (sv svc) key() string {
-	if strings.HasSuffix(sv.listen, ":0") {
-		return sv.name + "|" + sv.listen
+func (sv svc) key() string { return svcKey(sv.name, sv.listen) }
+
+func svcKey(name, listen string) string {
+	if strings.HasSuffix(listen, ":0") {
+		return name + "|" + listen
 	}
-	return sv.listen
+	return listen
 }
 
 // listener is one bound address. Its handler can be swapped by a reload:
@@ -158,6 +160,22 @@ func (s *Server) accept(l *listener) {
 			_ = h.ServeConn(l.ctx, conn, id)
 		}()
 	}
+}
+
+// ownAddrs lists every address the process listens on — the admin
+// server and each service — for the HTTP proxy, which never passes a
+// tunnel through to them.
+func (s *Server) ownAddrs() []net.Addr {
+	var out []net.Addr
+	if a := s.AdminAddr(); a != nil {
+		out = append(out, a)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, l := range s.listeners {
+		out = append(out, l.ln.Addr())
+	}
+	return out
 }
 
 // newSessionID returns 96 random bits in hex.

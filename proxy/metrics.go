@@ -31,6 +31,8 @@ type Metrics struct {
 	rotations        *prometheus.CounterVec
 	httpRequests     *prometheus.CounterVec
 	configReloads    *prometheus.CounterVec
+	refused          *prometheus.CounterVec
+	timeouts         *prometheus.CounterVec
 }
 
 // NewMetrics registers every metric, with the Go and process collectors, on
@@ -55,6 +57,10 @@ func NewMetrics() *Metrics {
 		rotations:        f.counter("rotations_total", "Credentials replaced for new sessions.", "credential", "result"),
 		httpRequests:     f.counter("http_requests_total", "HTTP proxy requests by route, status code and whether a credential was injected.", "route", "code", "injected"),
 		configReloads:    f.counter("config_reloads_total", "Config reloads by result.", "result"),
+		refused: f.counter("connections_refused_total", "Connections and requests turned away by credproxy's own limits "+
+			"(max_connections, max_sessions, max_handshakes, max_upstream_connections) or its tunnel deny list (destination_denied).",
+			"protocol", "service", "reason"),
+		timeouts: f.counter("timeouts_total", "Requests ended by a timeout, by kind (body_read).", "protocol", "service", "kind"),
 	}
 	return m
 }
@@ -117,10 +123,15 @@ func (o postgresObserver) SessionEnded(service, res string, d time.Duration, in,
 func (o postgresObserver) Denied(service, kind string) {
 	o.m.sessionsTotal.WithLabelValues("postgres", service, "denied").Inc()
 	// A client that sends garbage (or a TCP health check that connects and
-	// closes) is not an authentication failure worth alerting on.
-	if kind != postgres.KindBadStartup {
+	// closes), or one turned away over a limit, is not an authentication
+	// failure worth alerting on.
+	if kind != postgres.KindBadStartup && kind != postgres.KindTooManyClients {
 		o.m.authFailures.WithLabelValues("postgres", service, kind).Inc()
 	}
+}
+
+func (o postgresObserver) Refused(service, reason string) {
+	o.m.refused.WithLabelValues("postgres", service, reason).Inc()
 }
 
 func (o postgresObserver) UpstreamConnected(service string, d time.Duration) {
@@ -157,4 +168,20 @@ func (o httpObserver) Request(route string, code int, injected bool) {
 		route = "none" // no route matched: bounded, and distinct from any host
 	}
 	o.m.httpRequests.WithLabelValues(route, strconv.Itoa(code), strconv.FormatBool(injected)).Inc()
+}
+
+// Refused labels a refusal by the route, or "http" (the listener's
+// service name) for one that concerns no route.
+func (o httpObserver) Refused(route, reason string) {
+	if route == "" {
+		route = "http"
+	}
+	o.m.refused.WithLabelValues("http", route, reason).Inc()
+}
+
+func (o httpObserver) TimedOut(route, kind string) {
+	if route == "" {
+		route = "http"
+	}
+	o.m.timeouts.WithLabelValues("http", route, kind).Inc()
 }

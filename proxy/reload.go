@@ -74,6 +74,9 @@ func (s *Server) reload(cfg *config.Config) error {
 		}
 		added = append(added, l)
 	}
+	if s.hookReloadBound != nil {
+		s.hookReloadBound()
+	}
 	changedSecrets := s.changedSecrets(cfg, b.sources)
 	if b.newVault {
 		b.vault.Start(s.sessCtx) // log in before sessions use the new sources
@@ -102,11 +105,25 @@ func (s *Server) reload(cfg *config.Config) error {
 			changed++
 		}
 	}
+	// A shutdown that began during the reload has already closed the
+	// listeners it knew of and would wait forever on an accept loop
+	// started now: close the new listeners instead of serving them.
+	draining := s.draining
 	for _, l := range added {
+		if draining {
+			l.ln.Close()
+			l.cancel()
+			close(l.done)
+			continue
+		}
 		s.listeners[l.key] = l
 		s.serve(l)
 	}
 	s.mu.Unlock()
+	if draining {
+		s.log.Info("config reloaded during shutdown; its new listeners were closed unused", zap.Int("listeners", len(added)))
+		return nil
+	}
 	s.log.Info("config reloaded", zap.Int("listeners_kept", kept), zap.Int("listeners_changed", changed),
 		zap.Int("listeners_added", len(added)), zap.Int("listeners_removed", removed),
 		zap.Int("secrets_changed", len(changedSecrets)))
@@ -212,9 +229,8 @@ func (s *Server) ReloadFile(path string) error {
 	return s.Reload(cfg)
 }
 
-// Config returns the running config.
+// Config returns the running config. It never waits for a reload in
+// progress, so a SIGTERM can read shutdown_grace at once.
 func (s *Server) Config() *config.Config {
-	s.reloadMu.Lock()
-	defer s.reloadMu.Unlock()
-	return s.cfg
+	return s.running.Load()
 }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -16,6 +17,7 @@ import (
 	"github.com/credproxy/credproxy/protocols/postgres"
 	"github.com/credproxy/credproxy/proxy/audit"
 	"github.com/credproxy/credproxy/proxy/credentials"
+	"github.com/credproxy/credproxy/proxy/limit"
 )
 
 // ConnHandler serves one accepted connection; it owns and closes conn.
@@ -39,16 +41,21 @@ type Server struct {
 
 	admin *admin // nil without an admin block
 
+	// running is the config in force, for readers that must not wait for
+	// a reload in progress (a SIGTERM reading shutdown_grace).
+	running atomic.Pointer[config.Config]
+
 	// reloadMu serialises Start, Reload and Close; mu guards the fields
 	// below it, which probes and accept loops read.
 	reloadMu sync.Mutex
 	cfg      *config.Config
-	svcs     []svc // the config's services, in order
+	svcs     []svc // the config's services, in order; written under mu too
 	sources  map[string]credentials.Source
 	vault    *credentials.VaultClient   // nil without a vault block
 	vaults   []*credentials.VaultClient // every client made, closed at Close
 	audits   []*audit.Writer            // every audit file opened, closed at Close
 	closers  []func() error             // every handler with resources of its own
+	limits   map[string]*limit.Listener // each listener's counters, by svc.key
 	httpDial func(ctx context.Context, network, addr string) (net.Conn, error)
 
 	mu         sync.Mutex
@@ -57,6 +64,12 @@ type Server struct {
 	draining   bool
 	closeOnce  sync.Once
 	closeError error
+
+	// Test hooks: reloadBound runs once a reload has bound its new
+	// listeners and before it commits; closeLocking runs as Close is about
+	// to wait for a reload in progress.
+	hookReloadBound  func()
+	hookCloseLocking func()
 }
 
 // Options are what embedding programs and tests may set beyond the config.
@@ -73,7 +86,7 @@ func New(cfg *config.Config, log *zap.Logger) (*Server, error) {
 // NewWithOptions is New with Options.
 func NewWithOptions(cfg *config.Config, log *zap.Logger, o Options) (*Server, error) {
 	s := &Server{log: log, metrics: NewMetrics(), audit: &swapSink{}, cancels: postgres.NewCancelRegistry(),
-		listeners: make(map[string]*listener), httpDial: o.HTTPDial}
+		listeners: make(map[string]*listener), httpDial: o.HTTPDial, limits: make(map[string]*limit.Listener)}
 	s.sessCtx, s.killAll = context.WithCancel(context.Background())
 	s.metrics.registerReady(func() bool { return len(s.notReady()) == 0 })
 	b, err := s.build(cfg)
@@ -153,13 +166,10 @@ func (s *Server) AdminAddr() net.Addr {
 // Addrs returns the bound listener addresses in config order: postgres
 // services, then the HTTP proxy.
 func (s *Server) Addrs() []net.Addr {
-	s.reloadMu.Lock()
-	svcs := s.svcs
-	s.reloadMu.Unlock()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var out []net.Addr
-	for _, svc := range svcs {
+	for _, svc := range s.svcs {
 		if l, ok := s.listeners[svc.key()]; ok {
 			out = append(out, l.ln.Addr())
 		}
@@ -218,6 +228,12 @@ func (s *Server) Close() error {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		s.store.Close(ctx)
 		cancel()
+		if s.hookCloseLocking != nil {
+			s.hookCloseLocking()
+		}
+		// A reload in progress finishes first: killAll has cut its Vault
+		// login short, and it closes rather than serves the listeners it
+		// bound, since draining is set.
 		s.reloadMu.Lock()
 		for _, c := range s.closers {
 			_ = c()

@@ -4,11 +4,14 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/credproxy/credproxy/identity"
 	"github.com/credproxy/credproxy/proxy/audit"
@@ -226,14 +229,54 @@ func (rw *respWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 
 func (rw *respWriter) Unwrap() http.ResponseWriter { return rw.w }
 
-// countingBody counts the request body bytes read from the app.
+// countingBody counts the request body bytes read from the app and, with
+// a timeout, ends the body when no byte arrives for that long: each Read
+// moves the connection's read deadline on, so a body that keeps flowing
+// is never cut.
 type countingBody struct {
 	io.ReadCloser
-	n *atomic.Int64
+	n       *atomic.Int64
+	rc      *http.ResponseController
+	timeout time.Duration // 0: none
+	// stalled is set when the body timed out: the server cancels the
+	// request as its read fails, so the error that reaches the exchange
+	// may be the cancellation rather than BodyTimeoutError.
+	stalled atomic.Bool
+}
+
+// newBody wraps a request body; w is the server's ResponseWriter, through
+// which the read deadline is set.
+func (p *Proxy) newBody(w http.ResponseWriter, body io.ReadCloser, n *atomic.Int64) *countingBody {
+	b := &countingBody{ReadCloser: body, n: n}
+	if d := p.cfg.BodyReadTimeout.D(); d > 0 {
+		b.rc, b.timeout = http.NewResponseController(w), d
+	}
+	return b
 }
 
 func (b *countingBody) Read(p []byte) (int, error) {
+	if b.timeout > 0 {
+		_ = b.rc.SetReadDeadline(time.Now().Add(b.timeout))
+	}
 	n, err := b.ReadCloser.Read(p)
 	b.n.Add(int64(n))
+	if b.timeout > 0 && err != nil {
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			b.stalled.Store(true)
+			return n, &BodyTimeoutError{After: b.timeout}
+		}
+		// The body is over: clear the deadline before the server's
+		// background read (which watches for the client going away) can
+		// hit it and cancel a response that may stream for hours.
+		_ = b.rc.SetReadDeadline(time.Time{})
+	}
 	return n, err
+}
+
+// BodyTimeoutError ends a request whose body stalled.
+type BodyTimeoutError struct{ After time.Duration }
+
+func (e *BodyTimeoutError) Error() string {
+	return fmt.Sprintf("request body stalled: no data from the app for %s (http.body_read_timeout)", e.After)
 }

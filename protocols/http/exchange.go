@@ -83,7 +83,7 @@ func (p *Proxy) newExchange(w http.ResponseWriter, r *http.Request, c *clientCon
 	}
 	r = r.WithContext(context.WithValue(r.Context(), exchangeKey{}, x))
 	if r.Body != nil && r.Body != http.NoBody {
-		r.Body = &countingBody{ReadCloser: r.Body, n: &x.bytesIn}
+		r.Body = p.newBody(w, r.Body, &x.bytesIn)
 	}
 	x.req = r
 	return x
@@ -283,7 +283,7 @@ func (x *exchange) RoundTrip(req *http.Request, _ *goproxy.ProxyCtx) (*http.Resp
 		}
 		x.placed = x.route.inject.Placed(out)
 	}
-	resp, err := x.p.transport.RoundTrip(out)
+	resp, err := x.p.transportFor(x.route).RoundTrip(out)
 	if err != nil {
 		return x.upstreamFailure(err), nil
 	}
@@ -309,6 +309,9 @@ func (x *exchange) reveal() map[string]string {
 }
 
 func (x *exchange) injectFailure(err error) *http.Response {
+	if resp := x.limitFailure(err); resp != nil {
+		return resp // a body that stalled while it was being signed
+	}
 	var ie *injectError
 	if !errors.As(err, &ie) {
 		ie = &injectError{status: http.StatusServiceUnavailable, reason: "credential unavailable", msg: err.Error()}
@@ -320,6 +323,9 @@ func (x *exchange) injectFailure(err error) *http.Response {
 // upstreamFailure turns a transport error into a 502 naming the cause
 // (the contract's one status for an upstream failure, timeouts included).
 func (x *exchange) upstreamFailure(err error) *http.Response {
+	if resp := x.limitFailure(err); resp != nil {
+		return resp
+	}
 	reason, what := classifyUpstream(err)
 	return x.refuse(http.StatusBadGateway, reason, fmt.Sprintf("credproxy: upstream %s %s: %v",
 		net.JoinHostPort(x.host, x.port), what, err), false)

@@ -312,6 +312,12 @@ type proxySetup struct {
 	creds    Credentials                  // overrides fields
 	validity time.Duration
 	renew    time.Duration
+	// realDial uses the proxy's own dialer instead of the dial map.
+	realDial bool
+	// tune adjusts the config before the proxy is built.
+	tune func(*config.HTTP)
+	obs  Observer
+	own  func() []net.Addr
 }
 
 func headerRoute(host string) config.HTTPRoute {
@@ -343,6 +349,9 @@ func startProxy(t *testing.T, s proxySetup) *testProxy {
 	if s.upCA != nil {
 		cfg.UpstreamCAFile = s.upCA.file
 	}
+	if s.tune != nil {
+		s.tune(&cfg)
+	}
 	creds := s.creds
 	if creds == nil {
 		fields := s.fields
@@ -364,8 +373,12 @@ func startProxy(t *testing.T, s proxySetup) *testProxy {
 	tp := &testProxy{audit: &memAudit{}, logs: &lockedBuffer{}, bodies: &lockedBuffer{},
 		dialed: &dialLog{routes: s.dial}, cfg: cfg}
 	log := zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig()), tp.logs, zapcore.DebugLevel))
-	p, err := New(Options{Config: cfg, Credentials: creds, Audit: tp.audit, Logger: log,
-		DialContext: tp.dialed.dial, certValidity: s.validity, renewInterval: s.renew})
+	o := Options{Config: cfg, Credentials: creds, Audit: tp.audit, Logger: log, Observer: s.obs,
+		DialContext: tp.dialed.dial, certValidity: s.validity, renewInterval: s.renew, OwnAddrs: s.own}
+	if s.realDial {
+		o.DialContext = nil
+	}
+	p, err := New(o)
 	if err != nil {
 		t.Fatalf("New: %v", err)
 	}

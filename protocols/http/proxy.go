@@ -41,6 +41,7 @@ import (
 	"github.com/credproxy/credproxy/config"
 	"github.com/credproxy/credproxy/proxy/audit"
 	"github.com/credproxy/credproxy/proxy/credentials"
+	"github.com/credproxy/credproxy/proxy/limit"
 )
 
 // Credentials is what the proxy needs from the credential store.
@@ -53,7 +54,22 @@ type Credentials interface {
 // that matched none.
 type Observer interface {
 	Request(route string, code int, injected bool)
+	// Refused counts a connection or request credproxy turned away to
+	// protect itself or the host, with reason one of the Refused*
+	// constants; route is "" for the listener as a whole.
+	Refused(route, reason string)
+	// TimedOut counts a request ended by a timeout, with kind one of the
+	// Timeout* constants.
+	TimedOut(route, kind string)
 }
+
+// Refusal reasons and timeout kinds: bounded metric label values.
+const (
+	RefusedMaxConnections         = "max_connections"
+	RefusedMaxUpstreamConnections = "max_upstream_connections"
+	RefusedDestination            = "destination_denied"
+	TimeoutBodyRead               = "body_read"
+)
 
 // Options configure a Proxy.
 type Options struct {
@@ -67,6 +83,17 @@ type Options struct {
 	// through tunnels alike; nil uses a net.Dialer. Tests set it to send
 	// every host to a local server.
 	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
+
+	// Limits counts the listener's connections against
+	// Config.MaxConnections (0: no limit). The engine shares one between
+	// the proxies a reload swaps, so the count carries over; nil gives the
+	// proxy a counter of its own.
+	Limits *limit.Listener
+
+	// OwnAddrs lists the process's other listening addresses (admin,
+	// other services), which default: tunnel never passes through to;
+	// the listeners given to Serve are added to them.
+	OwnAddrs func() []net.Addr
 
 	// For tests: certificate lifetime and how often certmagic looks for
 	// certificates to renew.
@@ -95,9 +122,15 @@ type Proxy struct {
 	tunnelDefault bool
 
 	dial      func(ctx context.Context, network, addr string) (net.Conn, error)
-	transport *http.Transport
-	certs     *certManager
-	gp        *goproxy.ProxyHttpServer
+	transport *http.Transport // routed requests
+	limits    *limit.Listener
+	// Passing through (default: tunnel): the dialer checks the deny list.
+	deny          *denyList
+	extraOwn      func() []net.Addr
+	passDial      func(ctx context.Context, network, addr string) (net.Conn, error)
+	passTransport *http.Transport
+	certs         *certManager
+	gp            *goproxy.ProxyHttpServer
 
 	// outer serves connections on the proxy listener; inner serves the
 	// decrypted inside of intercepted tunnels.
@@ -151,6 +184,8 @@ func New(opts Options) (*Proxy, error) {
 		cfg: cfg, routes: routes, creds: opts.Credentials, audit: opts.Audit, log: opts.Logger, obs: opts.Observer,
 		tunnelDefault: cfg.Default == "tunnel",
 		dial:          opts.DialContext,
+		extraOwn:      opts.OwnAddrs,
+		limits:        opts.Limits,
 		outerLn:       newConnListener(), innerLn: newConnListener(),
 		listeners: make(map[net.Listener]struct{}), conns: make(map[*clientConn]struct{}),
 	}
@@ -167,6 +202,17 @@ func New(opts Options) (*Proxy, error) {
 		d := &net.Dialer{KeepAlive: 30 * time.Second}
 		p.dial = d.DialContext
 	}
+	if p.limits == nil {
+		p.limits = &limit.Listener{}
+	}
+	deny := cfg.TunnelDeny
+	if deny == nil {
+		deny = config.DefaultTunnelDeny
+	}
+	if p.deny, err = newDenyList(deny, p.ownAddrs); err != nil {
+		return nil, err
+	}
+	p.passDial = p.passDialer(opts.DialContext)
 	p.ctx, p.cancel = context.WithCancel(context.Background())
 
 	p.transport = &http.Transport{
@@ -186,6 +232,15 @@ func New(opts Options) (*Proxy, error) {
 		// The app's Accept-Encoding goes upstream as sent and the response
 		// comes back as the upstream encoded it.
 		DisableCompression: true,
+	}
+	for _, r := range routes.routes {
+		p.boundRoute(r)
+	}
+	p.passTransport = p.transport.Clone()
+	p.passTransport.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		ctx, cancel := context.WithTimeout(ctx, dialTimeout)
+		defer cancel()
+		return p.passDial(ctx, network, addr)
 	}
 	p.certs = newCertManager(ca, routes.routed, certOptions{validity: opts.certValidity, renewInterval: opts.renewInterval},
 		p.log.Named("certs"))
@@ -211,12 +266,14 @@ func New(opts Options) (*Proxy, error) {
 type nopObserver struct{}
 
 func (nopObserver) Request(string, int, bool) {}
+func (nopObserver) Refused(string, string)    {}
+func (nopObserver) TimedOut(string, string)   {}
 
 func (p *Proxy) newServer(h http.Handler, name string) *http.Server {
 	return &http.Server{
 		Handler:           h,
 		ReadHeaderTimeout: readHeaderTimeout,
-		IdleTimeout:       idleTimeout,
+		IdleTimeout:       p.idleTimeout(),
 		MaxHeaderBytes:    1 << 20,
 		ErrorLog:          stdLog(p.log.Named(name)),
 		BaseContext:       func(net.Listener) context.Context { return p.ctx },
@@ -342,6 +399,10 @@ func (p *Proxy) Serve(ctx context.Context, ln net.Listener) error {
 // log (each tunnel is one session). Cancelling ctx closes the connection at
 // once; Shutdown lets it finish first.
 func (p *Proxy) ServeConn(ctx context.Context, conn net.Conn, sessionID string) error {
+	if !p.limits.Conns.TryAcquire(p.cfg.MaxConnections) {
+		return p.refuseConn(conn, sessionID)
+	}
+	defer p.limits.Conns.Release()
 	c := newClientConn(conn, sessionID)
 	p.mu.Lock()
 	if p.closing {
@@ -427,6 +488,12 @@ func (p *Proxy) Close() error {
 		p.accepted.Wait()
 		p.servers.Wait()
 		p.transport.CloseIdleConnections()
+		p.passTransport.CloseIdleConnections()
+		for _, r := range p.routes.routes {
+			if r.transport != nil {
+				r.transport.CloseIdleConnections()
+			}
+		}
 		p.certs.stop()
 	})
 	return nil

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"strconv"
 	"strings"
 
@@ -29,6 +30,11 @@ type route struct {
 	inject   injector
 	// sem bounds concurrent requests (max_concurrent); nil = unlimited.
 	sem chan struct{}
+	// With max_upstream_connections, the route has a transport of its own
+	// and upstream holds a place per connection it has open; nil: the
+	// proxy's shared transport, no bound of its own.
+	transport *http.Transport
+	upstream  chan struct{}
 }
 
 // name is the route as configured: the audit service and metric label.

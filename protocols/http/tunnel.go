@@ -166,8 +166,12 @@ func (p *Proxy) passThrough(x *exchange) func(*http.Request, net.Conn, *goproxy.
 	return func(_ *http.Request, client net.Conn, _ *goproxy.ProxyCtx) {
 		addr := net.JoinHostPort(x.host, x.port)
 		ctx, cancel := context.WithTimeout(x.req.Context(), dialTimeout)
-		up, err := p.dial(ctx, "tcp", addr)
+		up, err := p.passDial(ctx, "tcp", addr)
 		cancel()
+		if de, ok := asDenied(err); ok {
+			p.refuseDestination(x, client, de)
+			return
+		}
 		if err != nil {
 			reason, what := classifyUpstream(err)
 			msg := fmt.Sprintf("credproxy: upstream %s %s: %v", addr, what, err)

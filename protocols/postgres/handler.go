@@ -22,6 +22,7 @@ import (
 	"github.com/credproxy/credproxy/identity"
 	"github.com/credproxy/credproxy/proxy/audit"
 	"github.com/credproxy/credproxy/proxy/credentials"
+	"github.com/credproxy/credproxy/proxy/limit"
 )
 
 // Credentials is what a Handler needs from the credential store.
@@ -38,6 +39,11 @@ type Options struct {
 	Cancels      *CancelRegistry
 	Logger       *zap.Logger
 	Observer     Observer // nil: no metrics
+	// Limits counts the listener's handshakes and sessions against
+	// Service.MaxHandshakes and Service.MaxSessions (0: no limit). The
+	// engine shares one between the handlers a reload swaps, so the
+	// counts carry over; nil gives the handler counters of its own.
+	Limits *limit.Listener
 }
 
 // Handler serves app connections for one configured Postgres service.
@@ -49,6 +55,7 @@ type Handler struct {
 	cancels      *CancelRegistry
 	log          *zap.Logger
 	obs          Observer
+	limits       *limit.Listener
 
 	tls       *tls.Config // to the upstream; nil for mode disable
 	clientTLS *tls.Config // offered to apps; nil when not configured
@@ -66,7 +73,11 @@ func NewHandler(o Options) (*Handler, error) {
 		cancels:      o.Cancels,
 		log:          o.Logger,
 		obs:          o.Observer,
+		limits:       o.Limits,
 		keepAlive:    30 * time.Second,
+	}
+	if h.limits == nil {
+		h.limits = &limit.Listener{}
 	}
 	if h.obs == nil {
 		h.obs = nopObserver{}
@@ -115,6 +126,8 @@ type session struct {
 
 	clientInfo       audit.Client
 	started          bool // handed over to the app: SessionEnded is owed
+	handshaking      bool // holds a max_handshakes place
+	slot             bool // holds a max_sessions place
 	database, dbUser string
 	// term ends the established session with a FATAL (lease end).
 	term atomic.Pointer[terminator]
@@ -134,9 +147,103 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, id string) error
 	if s.clientInfo.Identity != "" {
 		s.log = s.log.With(zap.String("identity", s.clientInfo.Identity))
 	}
-	s.rd = bufio.NewReaderSize(cc, 1024)
 	defer conn.Close()
-	return s.run(ctx)
+	// Over max_handshakes: refuse at once, reading nothing, so a flood of
+	// connections that never finish their startup holds nothing.
+	if !h.limits.Handshakes.TryAcquire(h.cfg.MaxHandshakes) {
+		return s.refuseAtOnce()
+	}
+	s.handshaking = true
+	defer s.leaveHandshake()
+	s.rd = bufio.NewReaderSize(cc, 1024)
+	err := s.run(ctx)
+	if s.slot {
+		h.limits.Sessions.Release()
+	}
+	return err
+}
+
+// leaveHandshake gives back the max_handshakes place, once.
+func (s *session) leaveHandshake() {
+	if s.handshaking {
+		s.handshaking = false
+		s.h.limits.Handshakes.Release()
+	}
+}
+
+// tooManyError is a connection over max_sessions or max_handshakes.
+type tooManyError struct {
+	key    string // max_sessions | max_handshakes
+	limit  int
+	reason string // the metric reason
+}
+
+func (e *tooManyError) Error() string {
+	return fmt.Sprintf("sorry, too many clients already: %s %d reached", e.key, e.limit)
+}
+
+// refuseAtOnce answers a connection over max_handshakes with FATAL 53300,
+// audits and counts it. The connection holds no handshake place: while
+// one of the listener's few lingering places is free, the FATAL follows
+// the client's startup packet (or a second's silence), as PostgreSQL
+// sends it; past those it is sent at once, reading nothing.
+func (s *session) refuseAtOnce() error {
+	h := s.h
+	err := &tooManyError{key: "max_handshakes", limit: h.cfg.MaxHandshakes, reason: RefusedMaxHandshakes}
+	resp, reason := clientError(err)
+	msg, _ := resp.Encode(nil)
+	rec := s.record(audit.EventDenied)
+	rec.Reason = reason
+	rec.Error = audit.String(resp.Message)
+	rec.SQLState = resp.Code
+	h.audit.Record(rec)
+	h.obs.Denied(h.cfg.Name, reasonKind(reason))
+	h.obs.Refused(h.cfg.Name, err.reason)
+	if ce := s.log.Check(zap.DebugLevel, "session refused"); ce != nil {
+		ce.Write(zap.String("reason", reason), zap.String("sqlstate", resp.Code), zap.String("error", resp.Message))
+	}
+	conn := s.client.Conn
+	release, ok := h.limits.Linger()
+	if !ok {
+		h.limits.Refuse(conn, msg) // closes at once
+		return err
+	}
+	defer release()
+	readStartupBriefly(conn)
+	_ = conn.SetWriteDeadline(time.Now().Add(time.Second))
+	_, _ = conn.Write(msg)
+	return err
+}
+
+// readStartupBriefly reads, for at most limit.LingerFor, up to a
+// client's startup packet, answering SSLRequest and GSSENCRequest with
+// 'N': libpq shows an error that arrives in place of the answer to its
+// SSLRequest only as "server sent an error response during SSL exchange",
+// and an error after the startup packet is what PostgreSQL sends.
+func readStartupBriefly(conn net.Conn) {
+	_ = conn.SetDeadline(time.Now().Add(limit.LingerFor))
+	rd := bufio.NewReaderSize(conn, 512)
+	for range 3 {
+		p, err := readStartupPacket(rd)
+		if err != nil || (p.code != sslRequestCode && p.code != gssEncRequestCode) || rd.Buffered() > 0 {
+			return
+		}
+		if _, err := conn.Write([]byte{'N'}); err != nil {
+			return
+		}
+	}
+}
+
+// takeSession takes a max_sessions place once the startup packet is in,
+// as PostgreSQL checks max_connections, or returns the refusal.
+func (s *session) takeSession() error {
+	h := s.h
+	if !h.limits.Sessions.TryAcquire(h.cfg.MaxSessions) {
+		h.obs.Refused(h.cfg.Name, RefusedMaxSessions)
+		return &tooManyError{key: "max_sessions", limit: h.cfg.MaxSessions, reason: RefusedMaxSessions}
+	}
+	s.slot = true
+	return nil
 }
 
 func (s *session) run(ctx context.Context) error {
@@ -149,6 +256,9 @@ func (s *session) run(ctx context.Context) error {
 	params, out, err := s.readStartup(ctx)
 	if err != nil || params == nil {
 		return err
+	}
+	if err := s.takeSession(); err != nil {
+		return s.deny(err, out)
 	}
 
 	params["database"] = s.database
@@ -171,6 +281,9 @@ func (s *session) run(ctx context.Context) error {
 	if !stopHandshake() {
 		return s.end(errors.New("closed by shutdown during handshake"))
 	}
+	// Established: the handshake place is free before the app can see
+	// ReadyForQuery and open its next connection.
+	s.leaveHandshake()
 	out = s.appendHandover(out, up, &key)
 	_ = s.raw.SetDeadline(time.Now().Add(h.cfg.StartupTimeout.D()))
 	if _, err := s.raw.Write(out); err != nil {
@@ -324,6 +437,10 @@ func clientError(err error) (*pgproto3.ErrorResponse, string) {
 			return ue.resp, ue.reason
 		}
 		return fatal(ue.code, "credproxy: "+ue.Error()), ue.reason
+	}
+	var tm *tooManyError
+	if errors.As(err, &tm) {
+		return fatal(codeTooManyConnections, "credproxy: "+tm.Error()), "too many clients"
 	}
 	var se *startupError
 	if errors.As(err, &se) {

@@ -15,7 +15,16 @@ type Observer interface {
 	Denied(service, kind string)
 	// UpstreamConnected reports how long dial, TLS and login took.
 	UpstreamConnected(service string, d time.Duration)
+	// Refused counts a connection turned away over a limit, with reason
+	// RefusedMaxSessions or RefusedMaxHandshakes; Denied is called too.
+	Refused(service, reason string)
 }
+
+// Refusal reasons: the limit that was reached, as metric label values.
+const (
+	RefusedMaxSessions   = "max_sessions"
+	RefusedMaxHandshakes = "max_handshakes"
+)
 
 // Deny kinds: the audit reasons as metric label values.
 const (
@@ -27,6 +36,7 @@ const (
 	KindUpstreamError         = "upstream_error"
 	KindUpstreamTimeout       = "upstream_timeout"
 	KindUpstreamProtocol      = "upstream_protocol"
+	KindTooManyClients        = "too_many_clients"
 	KindInternal              = "internal"
 )
 
@@ -39,6 +49,7 @@ var reasonKinds = map[string]string{
 	"upstream error":          KindUpstreamError,
 	"upstream timeout":        KindUpstreamTimeout,
 	"upstream protocol error": KindUpstreamProtocol,
+	"too many clients":        KindTooManyClients,
 }
 
 func reasonKind(reason string) string {
@@ -55,3 +66,4 @@ func (nopObserver) SessionStarted(string)                                    {}
 func (nopObserver) SessionEnded(string, string, time.Duration, int64, int64) {}
 func (nopObserver) Denied(string, string)                                    {}
 func (nopObserver) UpstreamConnected(string, time.Duration)                  {}
+func (nopObserver) Refused(string, string)                                   {}
