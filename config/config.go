@@ -24,6 +24,9 @@ type Config struct {
 	Vault         *Vault            `yaml:"vault"`
 	Postgres      []Postgres        `yaml:"postgres"`
 	HTTP          *HTTP             `yaml:"http"`
+
+	// warnings are what validation accepted but an operator should see.
+	warnings []*FieldError
 }
 
 // Duration is a time.Duration written as a Go duration string ("90s", "1h").
@@ -129,6 +132,11 @@ type HTTP struct {
 	UpstreamCAFile string      `yaml:"upstream_ca_file"`
 	Default        string      `yaml:"default"` // deny (default) | tunnel
 	Routes         []HTTPRoute `yaml:"routes"`
+
+	// AllowNonLoopback accepts a listen address other than loopback. The
+	// proxy does not authenticate its clients: whoever can reach the
+	// listener can send requests with the routes' credentials.
+	AllowNonLoopback bool `yaml:"allow_non_loopback"`
 }
 
 // HTTPCA signs interception certificates.

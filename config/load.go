@@ -67,6 +67,7 @@ func Parse(data []byte, baseDir string) (*Config, error) {
 	if len(errs) > 0 {
 		return nil, errs
 	}
+	cfg.warnings = v.warnings
 	return cfg, nil
 }
 
