@@ -58,7 +58,7 @@ func TestPolicy(t *testing.T) {
 		env       map[string]string
 		keyMode   fs.FileMode // http.ca.key_file's mode; 0 leaves the fixture's 0600
 		wantErrs  []string    // exact lines, {dir} the fixture
-		wantWarns []string    // exact lines; only checked when the config is valid
+		wantWarns []string    // exact lines, also for an invalid config
 	}{
 		// http.listen
 		{name: "listen on every interface", src: listen("0.0.0.0:8118"), wantErrs: []string{msg(nonLoopback, "http.listen", "0.0.0.0:8118")}},
@@ -113,7 +113,8 @@ func TestPolicy(t *testing.T) {
 		{name: "same wildcard", src: appSecret + hdr("*.example.com") + more("{host: '*.EXAMPLE.com.:443', credentials: app, inject: {basic: {username: u}}}"),
 			wantErrs: []string{r1host + `: duplicate route for "*.EXAMPLE.com.:443" (also http.routes[0], "*.example.com": a route without a port matches ports 443 and 80)`}},
 		{name: "same IPv6 address, two spellings", src: appSecret + hdr("[2001:db8::1]") + more("{host: '[2001:db8:0::1]:443', credentials: app, inject: {basic: {username: u}}}"),
-			wantErrs: []string{r1host + `: duplicate route for "[2001:db8:0::1]:443" (also http.routes[0], "[2001:db8::1]": a route without a port matches ports 443 and 80)`}},
+			wantErrs:  []string{r1host + `: duplicate route for "[2001:db8:0::1]:443" (also http.routes[0], "[2001:db8::1]": a route without a port matches ports 443 and 80)`},
+			wantWarns: []string{msg(ipRoute, r0host, "[2001:db8::1]"), msg(ipRoute, r1host, "[2001:db8:0::1]:443")}},
 		{name: "other port is no duplicate", src: appSecret + hdr("api.example.com") + more("{host: 'api.example.com:8443', credentials: app, inject: {basic: {username: u}}}")},
 		{name: "wildcard and exact are no duplicate", src: appSecret + hdr("*.example.com") + more("{host: api.example.com, credentials: app, inject: {basic: {username: u}}}")},
 
@@ -172,7 +173,8 @@ func TestPolicy(t *testing.T) {
 				msg(nonLoopback, "http.listen", "0.0.0.0:8118"),
 				msg(suffixWildcard, r0host, "*.com", "com"),
 				msg(wholeSecret, r0hv, "{{.}}"),
-			}},
+			},
+			wantWarns: []string{msg(cleartext, r0up, "header A")}},
 		{name: "several warnings", src: appSecret + hdr("10.1.2.3", "upstream: http") + more("{host: co.uk, credentials: app, inject: {basic: {username: u}}}"),
 			wantWarns: []string{
 				msg(ipRoute, r0host, "10.1.2.3"),
@@ -191,7 +193,8 @@ func TestPolicy(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			cfg, errs := parseLines(t, dir, tt.src)
+			cfg, warnings, err := parseConfig([]byte(tt.src), dir)
+			errs := Lines(err)
 			want := make([]string, len(tt.wantErrs))
 			for i, w := range tt.wantErrs {
 				want[i] = strings.ReplaceAll(w, "{dir}", dir)
@@ -199,11 +202,11 @@ func TestPolicy(t *testing.T) {
 			if !slices.Equal(errs, want) {
 				t.Errorf("errors:\n\t%s\nwant:\n\t%s", strings.Join(errs, "\n\t"), strings.Join(want, "\n\t"))
 			}
-			if cfg == nil {
-				return
+			if cfg != nil && !slices.Equal(cfg.Warnings(), warnings) {
+				t.Errorf("Config.Warnings() = %v, parse returned %v", cfg.Warnings(), warnings)
 			}
 			var warns []string
-			for _, w := range cfg.Warnings() {
+			for _, w := range warnings {
 				warns = append(warns, w.Error())
 			}
 			if !slices.Equal(warns, tt.wantWarns) {

@@ -107,17 +107,15 @@ func run(args []string, stdout, stderr io.Writer) int {
 // one line each as "warning: key.path: …", and leave the exit code alone;
 // run logs the same warnings at start. A valid config says so on stdout.
 func validate(path string, stdout, stderr io.Writer) int {
-	cfg, err := config.Load(path)
+	cfg, warnings, err := config.LoadWithWarnings(path)
 	if err == nil {
 		err = proxy.Check(cfg)
 	}
 	for _, line := range config.Lines(err) {
 		fmt.Fprintln(stderr, line)
 	}
-	if cfg != nil {
-		for _, w := range cfg.Warnings() {
-			fmt.Fprintf(stderr, "warning: %s\n", w)
-		}
+	for _, w := range warnings {
+		fmt.Fprintf(stderr, "warning: %s\n", w)
 	}
 	if err != nil {
 		return 1

@@ -102,13 +102,15 @@ func TestValidateCommand(t *testing.T) {
 				"127.0.0.1:8118", "0.0.0.0:8118",
 				"host: api.example.com", "host: '*.github.io'",
 				"Bearer {{ .password }}", "{{ . }}",
-			).Replace(httpProxy),
+			).Replace(httpProxy) + "    - {host: co.uk, credentials: app, inject: {basic: {username: '{{ .username }}'}}}\n",
 			wantStderr: []string{
 				`http.listen: "0.0.0.0:8118" is not a loopback address: the proxy does not authenticate its clients, so anyone ` +
 					`who can reach it can send requests with the routes' credentials; listen on 127.0.0.1, or set http.allow_non_loopback: true to accept that`,
 				`http.routes[0].host: "*.github.io": github.io is a public suffix, so the wildcard matches domains anyone can register; name a registered domain, e.g. *.example.com`,
 				`http.routes[0].inject.header.value: {{.}} uses the whole secret, not one field: it would send every field, the password too; ` +
 					`name the field, e.g. {{ .token }} or {{ index . "api-key" }}`,
+				`warning: http.routes[1].host: "co.uk" is a public suffix (a top-level or registry domain), not a host an API is served from; ` +
+					`did you mean a name under it?`,
 			}},
 		{name: "opt-in to a non-loopback listener", code: 0, wantStdout: true,
 			src: secrets + strings.Replace(httpProxy, "listen: 127.0.0.1:8118", "listen: 0.0.0.0:8118\n  allow_non_loopback: true", 1)},
