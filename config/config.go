@@ -25,6 +25,9 @@ type Config struct {
 	Vault         *Vault            `yaml:"vault"`
 	Postgres      []Postgres        `yaml:"postgres"`
 	HTTP          *HTTP             `yaml:"http"`
+
+	// warnings are what validation accepted but an operator should see.
+	warnings []*FieldError
 }
 
 // Duration is a time.Duration written as a Go duration string ("90s", "1h").
@@ -157,6 +160,11 @@ type HTTP struct {
 	// long: no byte from the app (default 30s). A body that keeps flowing
 	// is never cut, however long it takes.
 	BodyReadTimeout Duration `yaml:"body_read_timeout"`
+
+	// AllowNonLoopback accepts a listen address other than loopback. The
+	// proxy does not authenticate its clients: whoever can reach the
+	// listener can send requests with the routes' credentials.
+	AllowNonLoopback bool `yaml:"allow_non_loopback"`
 }
 
 // HTTPCA signs interception certificates.

@@ -51,3 +51,9 @@ func Lines(err error) []string {
 	}
 	return []string{err.Error()}
 }
+
+// Warnings returns what the configuration does that credproxy accepts but
+// an operator should know about (a credential sent in cleartext, a route to
+// an IP address), each with its key path, in the order found. validate
+// prints them; run logs them at start and on every reload.
+func (c *Config) Warnings() []*FieldError { return c.warnings }

@@ -16,15 +16,23 @@ import (
 // in it are resolved against the file's own directory, so credproxy behaves
 // the same whatever directory it is started from.
 func Load(path string) (*Config, error) {
+	cfg, _, err := LoadWithWarnings(path)
+	return cfg, err
+}
+
+// LoadWithWarnings is Load that also returns the warnings (see
+// Config.Warnings) when the configuration is invalid, so that one run of
+// validate shows everything it found.
+func LoadWithWarnings(path string) (*Config, []*FieldError, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("read config: %w", err)
+		return nil, nil, fmt.Errorf("read config: %w", err)
 	}
 	abs, err := filepath.Abs(path)
 	if err != nil {
-		return nil, fmt.Errorf("read config: %w", err)
+		return nil, nil, fmt.Errorf("read config: %w", err)
 	}
-	return Parse(data, filepath.Dir(abs))
+	return parseConfig(data, filepath.Dir(abs))
 }
 
 // Parse decodes, expands, defaults and validates a YAML configuration.
@@ -40,13 +48,18 @@ func Load(path string) (*Config, error) {
 // On failure the error is an Errors holding every problem found, each
 // prefixed with its key path; Lines splits it for printing.
 func Parse(data []byte, baseDir string) (*Config, error) {
+	cfg, _, err := parseConfig(data, baseDir)
+	return cfg, err
+}
+
+func parseConfig(data []byte, baseDir string) (*Config, []*FieldError, error) {
 	root, err := parseYAML(data)
 	if err != nil {
-		return nil, Errors{err}
+		return nil, nil, Errors{err}
 	}
 	if baseDir != "" {
 		if baseDir, err = filepath.Abs(baseDir); err != nil {
-			return nil, Errors{fmt.Errorf("config base directory: %w", err)}
+			return nil, nil, Errors{fmt.Errorf("config base directory: %w", err)}
 		}
 	}
 
@@ -56,7 +69,7 @@ func Parse(data []byte, baseDir string) (*Config, error) {
 		d.decode(root, reflect.ValueOf(cfg).Elem(), "")
 	}
 	if d.bad[""] {
-		return nil, d.errs // nothing usable was decoded; validating would only add noise
+		return nil, nil, d.errs // nothing usable was decoded; validating would only add noise
 	}
 	cfg.applyDefaults(d.present)
 	cfg.resolvePaths(baseDir)
@@ -65,9 +78,10 @@ func Parse(data []byte, baseDir string) (*Config, error) {
 	cfg.validate(v)
 	errs := append(d.errs, v.errs...)
 	if len(errs) > 0 {
-		return nil, errs
+		return nil, v.warnings, errs
 	}
-	return cfg, nil
+	cfg.warnings = v.warnings
+	return cfg, v.warnings, nil
 }
 
 // parseYAML parses exactly one YAML document. It returns a nil node for an

@@ -10,7 +10,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"text/template"
 )
 
 var (
@@ -23,7 +22,8 @@ var (
 
 // validator collects every problem rather than stopping at the first.
 type validator struct {
-	errs Errors
+	errs     Errors
+	warnings []*FieldError
 	// skip holds key paths that already failed to decode; a follow-on
 	// complaint about them or their children ("required") would be noise.
 	skip   map[string]bool
@@ -37,6 +37,11 @@ func (v *validator) add(path, format string, args ...any) {
 		}
 	}
 	v.errs = append(v.errs, &FieldError{Path: path, Msg: fmt.Sprintf(format, args...)})
+}
+
+// warn records something credproxy accepts but an operator should see.
+func (v *validator) warn(path, format string, args ...any) {
+	v.warnings = append(v.warnings, &FieldError{Path: path, Msg: fmt.Sprintf(format, args...)})
 }
 
 // parentPath drops the last element of a key path: a.b[0].c -> a.b[0] -> a.b.
@@ -372,34 +377,58 @@ func (v *validator) pairedFiles(path, cert, key string, required bool) {
 }
 
 // checkCredentials checks that name is a secret and, where the secret's
-// fields are known before start (static, env), that it has the fields needed.
+// fields are known before start, that it has the fields needed.
 func (c *Config) checkCredentials(v *validator, path, name string, fields ...string) {
 	if !v.required(path, name) {
 		return
 	}
-	s, ok := c.Secrets[name]
-	if !ok {
+	if _, ok := c.Secrets[name]; !ok {
 		v.add(path, "no secret named %q under secrets", name)
 		return
 	}
-	have := map[string]bool{}
-	switch {
-	case s.Static != nil && s.Env == nil && s.Vault == nil:
-		for k := range s.Static {
-			have[strings.TrimSuffix(k, "_file")] = true
-		}
-	case s.Env != nil && s.Static == nil && s.Vault == nil:
-		for k := range s.Env {
-			have[k] = true
-		}
-	default:
-		return // vault fields are only known once read
+	have := c.secretFields(name)
+	if have == nil {
+		return
 	}
 	for _, f := range fields {
 		if !have[f] {
 			v.add(path, "secret %q has no %s field", name, f)
 		}
 	}
+}
+
+// secretFields returns the fields secret name yields, where they are known
+// before start: static (X_file yields X), env (its keys) and vault with a
+// field_map (only the mapped fields are kept). It returns nil when they
+// are not known: a vault secret without field_map, a missing secret, or
+// one with several sources (reported elsewhere).
+func (c *Config) secretFields(name string) map[string]bool {
+	s, ok := c.Secrets[name]
+	if !ok {
+		return nil
+	}
+	var keys []string
+	switch {
+	case s.Static != nil && s.Env == nil && s.Vault == nil:
+		for k := range s.Static {
+			keys = append(keys, strings.TrimSuffix(k, "_file"))
+		}
+	case s.Env != nil && s.Static == nil && s.Vault == nil:
+		for k := range s.Env {
+			keys = append(keys, k)
+		}
+	case s.Vault != nil && s.Static == nil && s.Env == nil && len(s.Vault.FieldMap) > 0:
+		for k := range s.Vault.FieldMap {
+			keys = append(keys, k)
+		}
+	default:
+		return nil
+	}
+	have := make(map[string]bool, len(keys))
+	for _, k := range keys {
+		have[k] = true
+	}
+	return have
 }
 
 func (c *Config) validateHTTP(v *validator, ls listeners) {
@@ -409,6 +438,7 @@ func (c *Config) validateHTTP(v *validator, ls listeners) {
 			v.add("http.listen", "%s", msg)
 		} else {
 			ls.claim(v, "http.listen", h.Listen)
+			v.checkHTTPListen(h)
 		}
 	}
 	if v.required("http.ca.cert_file", h.CA.CertFile) {
@@ -416,6 +446,7 @@ func (c *Config) validateHTTP(v *validator, ls listeners) {
 	}
 	if v.required("http.ca.key_file", h.CA.KeyFile) {
 		v.readable("http.ca.key_file", h.CA.KeyFile)
+		v.checkPrivateKey("http.ca.key_file", h.CA.KeyFile)
 	}
 	v.optionalFile("http.upstream_ca_file", h.UpstreamCAFile)
 	v.oneOf("http.default", h.Default, httpDefaults)
@@ -432,16 +463,15 @@ func (c *Config) validateHTTP(v *validator, ls listeners) {
 		v.add("http.body_read_timeout", "must be greater than 0")
 	}
 
-	hosts := map[string]int{}
+	claims := routeClaims{}
 	for i, r := range h.Routes {
 		path := fmt.Sprintf("http.routes[%d]", i)
 		if v.required(path+".host", r.Host) {
 			if msg := checkRouteHost(r.Host); msg != "" {
 				v.add(path+".host", "%s", msg)
-			} else if j, dup := hosts[strings.ToLower(r.Host)]; dup {
-				v.add(path+".host", "duplicate route for %q (also http.routes[%d])", r.Host, j)
 			} else {
-				hosts[strings.ToLower(r.Host)] = i
+				claims.claim(v, path+".host", i, r.Host)
+				v.checkRouteDestination(path+".host", r.Host)
 			}
 		}
 		var needs []string
@@ -450,17 +480,20 @@ func (c *Config) validateHTTP(v *validator, ls listeners) {
 		}
 		c.checkCredentials(v, path+".credentials", r.Credentials, needs...)
 		v.oneOf(path+".upstream", r.Upstream, upstreams)
+		v.checkCleartext(path+".upstream", r)
 		if r.MaxConcurrent < 0 {
 			v.add(path+".max_concurrent", "must not be negative")
 		}
 		if r.MaxUpstreamConnections < 0 {
 			v.add(path+".max_upstream_connections", "must not be negative")
 		}
-		v.validateInject(path+".inject", r.Inject)
+		v.validateInject(path+".inject", r.Inject, r.Credentials, c.secretFields(r.Credentials))
 	}
 }
 
-func (v *validator) validateInject(path string, in Inject) {
+// validateInject checks a route's inject block; its templates read the
+// fields of secret, which are listed in fields when known (else nil).
+func (v *validator) validateInject(path string, in Inject, secret string, fields map[string]bool) {
 	var set []string
 	if in.Header != nil {
 		set = append(set, "header")
@@ -469,7 +502,7 @@ func (v *validator) validateInject(path string, in Inject) {
 			v.add(hp+".name", "%q is not a valid header name", in.Header.Name)
 		}
 		if v.required(hp+".value", in.Header.Value) {
-			v.template(hp+".value", in.Header.Value)
+			v.template(hp+".value", in.Header.Value, secret, fields)
 		}
 	}
 	if in.Basic != nil {
@@ -477,16 +510,16 @@ func (v *validator) validateInject(path string, in Inject) {
 		bp := path + ".basic"
 		// The password may be empty: some APIs take a key as the username alone.
 		if v.required(bp+".username", in.Basic.Username) {
-			v.template(bp+".username", in.Basic.Username)
+			v.template(bp+".username", in.Basic.Username, secret, fields)
 		}
-		v.template(bp+".password", in.Basic.Password)
+		v.template(bp+".password", in.Basic.Password, secret, fields)
 	}
 	if in.Query != nil {
 		set = append(set, "query")
 		qp := path + ".query"
 		v.required(qp+".name", in.Query.Name)
 		if v.required(qp+".value", in.Query.Value) {
-			v.template(qp+".value", in.Query.Value)
+			v.template(qp+".value", in.Query.Value, secret, fields)
 		}
 	}
 	if in.AWSSigV4 != nil {
@@ -500,12 +533,6 @@ func (v *validator) validateInject(path string, in Inject) {
 	case 1:
 	default:
 		v.add(path, "sets %s; exactly one of header, basic, query, aws_sigv4 is allowed", strings.Join(set, " and "))
-	}
-}
-
-func (v *validator) template(path, text string) {
-	if _, err := template.New(path).Option("missingkey=error").Parse(text); err != nil {
-		v.add(path, "invalid template: %v", err)
 	}
 }
 
@@ -547,7 +574,8 @@ func checkHostPort(addr string, listen bool) string {
 	return ""
 }
 
-// checkRouteHost accepts an exact host or *.domain, each with an optional port.
+// checkRouteHost accepts an exact host or *.domain, each with an optional
+// port. A name may end in one dot, as the proxy matches it.
 func checkRouteHost(s string) string {
 	host := s
 	if h, port, err := net.SplitHostPort(s); err == nil {
@@ -559,13 +587,16 @@ func checkRouteHost(s string) string {
 		host = s[1 : len(s)-1]
 	}
 	if rest, ok := strings.CutPrefix(host, "*."); ok {
-		if net.ParseIP(rest) != nil || !validHostname(rest) {
+		if rest = strings.TrimSuffix(rest, "."); net.ParseIP(rest) != nil || !validHostname(rest) {
 			return fmt.Sprintf("%q: a wildcard must be followed by a domain, e.g. *.example.com", s)
 		}
 		return ""
 	}
 	if strings.Contains(host, "*") {
 		return fmt.Sprintf("%q: a wildcard is only allowed as the first label, e.g. *.example.com", s)
+	}
+	if net.ParseIP(host) == nil {
+		host = strings.TrimSuffix(host, ".")
 	}
 	if !validHost(host) {
 		return fmt.Sprintf("%q is not a valid host", s)

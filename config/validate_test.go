@@ -141,7 +141,9 @@ postgres:
 		{name: "env bad name", src: "secrets:\n  app: {env: {username: 1USER, password: \"PG-PW\"}}\n" + pg(),
 			want: []string{`secrets.app.env.username: "1USER" is not a valid environment variable name`, `secrets.app.env.password: "PG-PW" is not a valid environment variable name`}},
 		{name: "env empty", src: "secrets:\n  app: {env: {}}\n" + pg(), want: []string{"secrets.app.env: must have at least one field", "no username field", "no password field"}},
-		{name: "vault secret path missing", src: "secrets:\n  app: {vault: {field_map: {a: b}}}\n" + tokenVault + pg(), want: []string{"secrets.app.vault.path: required"}},
+		{name: "vault secret path missing", src: "secrets:\n  app: {vault: {field_map: {username: u, password: p}}}\n" + tokenVault + pg(), want: []string{"secrets.app.vault.path: required"}},
+		{name: "vault field_map lacks fields", src: "secrets:\n  app: {vault: {path: database/creds/app, field_map: {user: username}}}\n" + tokenVault + pg(),
+			want: []string{`postgres[0].credentials: secret "app" has no username field`, `postgres[0].credentials: secret "app" has no password field`}},
 
 		// Vault.
 		{name: "vault token", src: "secrets:\n  app: {vault: {path: database/creds/app}}\n" + tokenVault + pg()},

@@ -405,33 +405,39 @@ func checkCredproxyPod(t *testing.T, src string, spec *corev1.PodSpec, cms map[s
 
 func materializeMounts(t *testing.T, src, root string, spec *corev1.PodSpec, c *corev1.Container, cms map[string]*corev1.ConfigMap) {
 	t.Helper()
-	write := func(dir, rel, data string) {
+	write := func(dir, rel, data string, mode os.FileMode) {
 		p := filepath.Join(dir, rel)
 		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
 			t.Fatal(err)
 		}
-		if err := os.WriteFile(p, []byte(data), 0o644); err != nil {
+		if err := os.WriteFile(p, []byte(data), mode); err != nil {
 			t.Fatal(err)
 		}
 	}
+	// Secrets are written owner-only: credproxy refuses a CA key others
+	// can read. In the pod the kubelet writes them root-owned with the
+	// volume's defaultMode (0440 under fsGroup), which credproxy accepts
+	// for a root-owned file; a test cannot make root-owned files.
+	const configMapMode, secretMode = 0o644, 0o600
 	items := func(what string, list []corev1.KeyToPath, dir string, data map[string]string) {
 		if data == nil && len(list) == 0 {
 			t.Errorf("%s: %s: name the keys with items, so a missing key fails the pod visibly", src, what)
 		}
 		if len(list) == 0 {
 			for k, v := range data {
-				write(dir, k, v)
+				write(dir, k, v, configMapMode)
 			}
 		}
 		for _, it := range list {
 			v, ok := data[it.Key]
+			mode := os.FileMode(configMapMode)
 			switch {
 			case data == nil:
-				v = "placeholder for " + it.Key
+				v, mode = "placeholder for "+it.Key, secretMode
 			case !ok:
 				t.Errorf("%s: %s has no key %s", src, what, it.Key)
 			}
-			write(dir, it.Path, v)
+			write(dir, it.Path, v, mode)
 		}
 	}
 	configMap := func(name string, list []corev1.KeyToPath, dir string) {
@@ -465,7 +471,7 @@ func materializeMounts(t *testing.T, src, root string, spec *corev1.PodSpec, c *
 				case s.Secret != nil:
 					items("Secret "+s.Secret.Name, s.Secret.Items, dir, nil)
 				case s.ServiceAccountToken != nil:
-					write(dir, s.ServiceAccountToken.Path, "header.payload.signature")
+					write(dir, s.ServiceAccountToken.Path, "header.payload.signature", secretMode)
 				default:
 					t.Errorf("%s: volume %s: unexpected projected source", src, vm.Name)
 				}

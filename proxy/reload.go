@@ -226,6 +226,7 @@ func (s *Server) ReloadFile(path string) error {
 		}
 		return err
 	}
+	LogWarnings(s.log, path, cfg)
 	return s.Reload(cfg)
 }
 

@@ -75,19 +75,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	path := configPath(*cfgPath)
-
-	cfg, err := config.Load(path)
 	if cmd == "validate" {
-		if err != nil {
-			for _, line := range config.Lines(err) {
-				fmt.Fprintln(stderr, line)
-			}
-			return 1
-		}
-		fmt.Fprintf(stdout, "%s: valid\n", path)
-		return 0
+		return validate(path, stdout, stderr)
 	}
 
+	cfg, err := config.Load(path)
 	log, err2 := newLogger(*level, stderr)
 	if err2 != nil {
 		fmt.Fprintf(stderr, "credproxy: %v\n%s", err2, usage)
@@ -100,10 +92,35 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 		return 1
 	}
+	proxy.LogWarnings(log, path, cfg)
 	if err := serve(cfg, path, *watch, log); err != nil {
 		log.Error("credproxy failed", zap.Error(err))
 		return 1
 	}
+	return 0
+}
+
+// validate runs "validate": it loads the config as run does, then builds
+// everything run would build (proxy.Check) without binding, contacting or
+// writing anything. Every problem goes to stderr, one line each starting
+// with its key path, and the exit code is 1. Warnings go to stderr too,
+// one line each as "warning: key.path: …", and leave the exit code alone;
+// run logs the same warnings at start. A valid config says so on stdout.
+func validate(path string, stdout, stderr io.Writer) int {
+	cfg, warnings, err := config.LoadWithWarnings(path)
+	if err == nil {
+		err = proxy.Check(cfg)
+	}
+	for _, line := range config.Lines(err) {
+		fmt.Fprintln(stderr, line)
+	}
+	for _, w := range warnings {
+		fmt.Fprintf(stderr, "warning: %s\n", w)
+	}
+	if err != nil {
+		return 1
+	}
+	fmt.Fprintf(stdout, "%s: valid\n", path)
 	return 0
 }
 

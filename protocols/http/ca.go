@@ -49,15 +49,16 @@ func (c *CA) fingerprint() string {
 // LoadCA reads a CA certificate (PEM; the first certificate is the signer,
 // any that follow are its chain) and its private key (PEM: PKCS#8, SEC 1
 // EC or PKCS#1 RSA). The certificate must be a CA allowed to sign
-// certificates, currently valid, and match the key.
+// certificates, currently valid, and match the key. Every error starts
+// with the key path of the file at fault (http.ca.cert_file: …).
 func LoadCA(certFile, keyFile string) (*CA, error) {
 	certPEM, err := os.ReadFile(certFile)
 	if err != nil {
-		return nil, fmt.Errorf("read http.ca.cert_file: %w", err)
+		return nil, fmt.Errorf("http.ca.cert_file: %w", err)
 	}
 	keyPEM, err := os.ReadFile(keyFile)
 	if err != nil {
-		return nil, fmt.Errorf("read http.ca.key_file: %w", err)
+		return nil, fmt.Errorf("http.ca.key_file: %w", err)
 	}
 	return parseCA(certPEM, keyPEM)
 }
@@ -101,7 +102,7 @@ func parseCA(certPEM, keyPEM []byte) (*CA, error) {
 	}
 	pub, ok := key.Public().(interface{ Equal(crypto.PublicKey) bool })
 	if !ok || !pub.Equal(cert.PublicKey) {
-		return nil, errors.New("http.ca.key_file does not match the certificate in http.ca.cert_file")
+		return nil, errors.New("http.ca.key_file: does not match the certificate in http.ca.cert_file")
 	}
 	return &CA{cert: cert, key: key, chainPEM: chain.Bytes()}, nil
 }

@@ -67,21 +67,30 @@ type routeTable struct {
 func newRouteTable(cfgs []config.HTTPRoute) (*routeTable, error) {
 	t := &routeTable{}
 	for i, rc := range cfgs {
-		host, wildcard, port, err := parseRouteHost(rc.Host)
+		r, err := newRoute(i, rc)
 		if err != nil {
-			return nil, fmt.Errorf("http.routes[%d].host: %w", i, err)
-		}
-		inj, err := newInjector(rc.Inject)
-		if err != nil {
-			return nil, fmt.Errorf("http.routes[%d].inject: %w", i, err)
-		}
-		r := &route{cfg: rc, host: host, wildcard: wildcard, port: port, inject: inj}
-		if rc.MaxConcurrent > 0 {
-			r.sem = make(chan struct{}, rc.MaxConcurrent)
+			return nil, err
 		}
 		t.routes = append(t.routes, r)
 	}
 	return t, nil
+}
+
+// newRoute builds http.routes[i]; its error starts with that key path.
+func newRoute(i int, rc config.HTTPRoute) (*route, error) {
+	host, wildcard, port, err := parseRouteHost(rc.Host)
+	if err != nil {
+		return nil, fmt.Errorf("http.routes[%d].host: %w", i, err)
+	}
+	inj, err := newInjector(rc.Inject)
+	if err != nil {
+		return nil, fmt.Errorf("http.routes[%d].inject: %w", i, err)
+	}
+	r := &route{cfg: rc, host: host, wildcard: wildcard, port: port, inject: inj}
+	if rc.MaxConcurrent > 0 {
+		r.sem = make(chan struct{}, rc.MaxConcurrent)
+	}
+	return r, nil
 }
 
 // match returns the route for a normalized host and port, or nil. defPort

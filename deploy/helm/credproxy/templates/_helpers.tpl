@@ -160,6 +160,10 @@ the YAML; credproxy then checks it strictly (unknown keys are errors).
 {{- if $v.http.enabled -}}
 {{- $ca := dict "cert_file" "/var/run/secrets/credproxy/ca/ca.pem" "key_file" "/var/run/secrets/credproxy/ca/ca-key.pem" -}}
 {{- $http := dict "listen" (include "credproxy.httpListen" .) "ca" $ca "default" $v.http.default "routes" $v.http.routes -}}
+{{- if $ds -}}
+{{- /* On the node's IP, not loopback: credproxy refuses that without this opt-in. */ -}}
+{{- $_ := set $http "allow_non_loopback" true -}}
+{{- end -}}
 {{- if $v.http.upstream_ca_file -}}
 {{- $_ := set $http "upstream_ca_file" $v.http.upstream_ca_file -}}
 {{- end -}}
