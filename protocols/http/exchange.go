@@ -122,9 +122,15 @@ func (p *Proxy) serveInner(w http.ResponseWriter, r *http.Request) {
 			ic.markFinished()
 		}
 	}()
+	x.host, x.port, x.service = t.host, t.port, t.route.name()
 	if x.connect {
-		x.host, x.port, x.service = t.host, t.port, t.route.name()
 		x.writeRefusal(http.StatusMethodNotAllowed, "bad request", "credproxy: CONNECT inside an intercepted tunnel is not allowed", true)
+		return
+	}
+	// Before goproxy sees it: the URL is rewritten below, and an opaque or
+	// asterisk target must not be.
+	if status, reason, msg := screen(x.req); status != 0 {
+		x.writeRefusal(status, reason, msg, true)
 		return
 	}
 	x.innerHost, x.innerPort, x.innerScheme, x.innerErr = innerAuthority(x.req, t)
@@ -155,15 +161,21 @@ func innerAuthority(r *http.Request, t *tunnel) (host, port, scheme string, err 
 	return host, port, scheme, err
 }
 
-// nonProxy answers an origin-form request on the proxy listener.
+// nonProxy answers a request on the proxy listener whose target is not
+// an absolute URL: origin-form, "*" (the h2 preface among them) or
+// anything else net/http let through.
 func (p *Proxy) nonProxy(w http.ResponseWriter, r *http.Request) {
 	x := exchangeFrom(r.Context())
-	msg := "credproxy: this is a forward proxy; send absolute URLs (set HTTP_PROXY / HTTPS_PROXY)"
+	status, reason, msg := screen(r)
+	if status == 0 || status == http.StatusBadRequest {
+		status, reason, msg = http.StatusBadRequest, reasonBadRequest,
+			"credproxy: this is a forward proxy; send absolute URLs (set HTTP_PROXY / HTTPS_PROXY)"
+	}
 	if x != nil {
 		x.service = r.Host
-		x.status, x.reason, x.errMsg = http.StatusBadRequest, "bad request", msg
+		x.status, x.reason, x.errMsg = status, reason, msg
 	}
-	writeText(w, http.StatusBadRequest, msg, false)
+	writeText(w, status, msg, false)
 }
 
 // onRequest is goproxy's request handler: policy. It refuses with a
@@ -201,6 +213,10 @@ func (x *exchange) decide(req *http.Request) *http.Response {
 		}
 		requested = t.scheme
 	} else {
+		if status, reason, msg := screen(req); status != 0 {
+			x.service = req.URL.Host
+			return x.refuse(status, reason, msg, true)
+		}
 		requested = strings.ToLower(req.URL.Scheme)
 		def := portHTTP
 		switch requested {
@@ -265,9 +281,7 @@ func (x *exchange) decide(req *http.Request) *http.Response {
 func (x *exchange) RoundTrip(req *http.Request, _ *goproxy.ProxyCtx) (*http.Response, error) {
 	out := req.Clone(req.Context())
 	out.RequestURI = ""
-	out.URL.Scheme = x.scheme
-	out.URL.Host = authority(x.host, x.port, x.scheme)
-	out.URL.User = nil
+	out.URL = originURL(x.scheme, authority(x.host, x.port, x.scheme), req.URL)
 	out.Host = ""
 	out.Close = false
 	out.Trailer = nil

@@ -106,6 +106,10 @@ type Proxy struct {
 
 	ctx    context.Context // every request's base; cancelled by Close
 	cancel context.CancelFunc
+	// draining ends when Shutdown or Close begins: tunnels still waiting
+	// for their first request stop waiting, as idle connections do.
+	draining context.Context
+	drain    context.CancelFunc
 
 	startOnce sync.Once
 	servers   sync.WaitGroup // the two Serve goroutines
@@ -168,6 +172,7 @@ func New(opts Options) (*Proxy, error) {
 		p.dial = d.DialContext
 	}
 	p.ctx, p.cancel = context.WithCancel(context.Background())
+	p.draining, p.drain = context.WithCancel(context.Background())
 
 	p.transport = &http.Transport{
 		Proxy:       nil, // never the environment's proxy: that may be credproxy itself
@@ -218,8 +223,11 @@ func (p *Proxy) newServer(h http.Handler, name string) *http.Server {
 		ReadHeaderTimeout: readHeaderTimeout,
 		IdleTimeout:       idleTimeout,
 		MaxHeaderBytes:    1 << 20,
-		ErrorLog:          stdLog(p.log.Named(name)),
-		BaseContext:       func(net.Listener) context.Context { return p.ctx },
+		// "OPTIONS *" reaches credproxy's handler, to be refused and
+		// audited, instead of net/http answering it.
+		DisableGeneralOptionsHandler: true,
+		ErrorLog:                     stdLog(p.log.Named(name)),
+		BaseContext:                  func(net.Listener) context.Context { return p.ctx },
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
 			return context.WithValue(ctx, connKey{}, c)
 		},
@@ -434,6 +442,7 @@ func (p *Proxy) Close() error {
 
 // stopAccepting refuses new connections and closes Serve's listeners.
 func (p *Proxy) stopAccepting() {
+	p.drain()
 	p.mu.Lock()
 	p.closing = true
 	lns := make([]net.Listener, 0, len(p.listeners))
