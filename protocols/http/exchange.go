@@ -242,6 +242,10 @@ func (x *exchange) decide(req *http.Request) *http.Response {
 		}
 		x.service = x.route.name()
 	}
+	if echoMethod(req.Method) {
+		return x.refuse(http.StatusMethodNotAllowed, reasonMethod, fmt.Sprintf(
+			"credproxy: %s is not allowed on route %s: the upstream would echo the injected credential", strings.ToUpper(req.Method), x.route.name()), false)
+	}
 	// No downgrade: only a plain-HTTP request to a route that opted in
 	// with upstream: http goes upstream in cleartext.
 	x.scheme = "https"
@@ -288,14 +292,17 @@ func (x *exchange) RoundTrip(req *http.Request, _ *goproxy.ProxyCtx) (*http.Resp
 	wantWS := isWebSocket(req.Header)
 	sanitizeHeaders(out.Header, true)
 
+	var echo *echoScrubber
 	if x.route != nil {
 		fields := x.reveal()
 		err := x.route.inject.Inject(out.Context(), out, fields)
-		clear(fields)
 		if err != nil {
+			clear(fields)
 			return x.injectFailure(err), nil
 		}
 		x.placed = x.route.inject.Placed(out)
+		echo = newEchoScrubber(x.route.inject.Uses().pick(fields), x.placed)
+		clear(fields)
 	}
 	resp, err := x.p.transport.RoundTrip(out)
 	if err != nil {
@@ -308,7 +315,34 @@ func (x *exchange) RoundTrip(req *http.Request, _ *goproxy.ProxyCtx) (*http.Resp
 			"credproxy: upstream %s switched protocols to %q, which credproxy does not relay", out.URL.Host, resp.Header.Get("Upgrade")), true), nil
 	}
 	sanitizeHeaders(resp.Header, resp.StatusCode == http.StatusSwitchingProtocols)
+	if echo != nil {
+		x.scrubResponse(resp, echo)
+	}
 	return resp, nil
+}
+
+// scrubResponse keeps the injected credential from coming back to the
+// app: it scrubs every response header (and the trailers, once the body
+// is read), and drops the body of a redirect when the credential is in
+// the URL, since that body repeats Location. Other bodies go to the app
+// as the upstream sent them (see the README on the query injector).
+func (x *exchange) scrubResponse(resp *http.Response, echo *echoScrubber) {
+	if names := echo.header(resp.Header); len(names) > 0 {
+		if ce := x.log.Check(zapcore.DebugLevel, "upstream echoed the injected credential; scrubbed"); ce != nil {
+			ce.Write(zap.String("route", x.route.name()), zap.Strings("headers", names), zap.Int("status", resp.StatusCode))
+		}
+	}
+	if x.route.inject.Kind() == "query" && isRedirect(resp.StatusCode) && x.req.Method != http.MethodHead {
+		resp.Body.Close()
+		resp.Body, resp.ContentLength, resp.TransferEncoding, resp.Trailer = http.NoBody, 0, nil, nil
+		resp.Header.Del("Content-Encoding")
+		resp.Header.Set("Content-Length", "0")
+		return
+	}
+	if resp.ContentLength < 0 && resp.StatusCode != http.StatusSwitchingProtocols {
+		// Only a body of unknown length (chunked) can end in trailers.
+		resp.Body = &trailerScrubber{ReadCloser: resp.Body, resp: resp, s: echo}
+	}
 }
 
 // reveal returns the credential's values, for injection and for redacting

@@ -198,8 +198,9 @@ func mustTemplateNamed(f *testing.F, name, s string) *template.Template {
 // ways into the proxy (a TLS tunnel to api.test, a cleartext tunnel to
 // plain.test:80, the proxy listener itself) and checks what the
 // upstreams got on the wire: only origin-form requests, for the route's
-// host and nothing else, never an absolute or opaque target, never PRI;
-// and nothing but the two routed authorities was dialed.
+// host and nothing else, never an absolute or opaque target, never
+// TRACE, TRACK or PRI; and nothing but the two routed authorities was
+// dialed.
 func FuzzInnerRequestLine(f *testing.F) {
 	for _, s := range [][2]string{
 		{"GET /ok?q=1 HTTP/1.1", "api.test"},
@@ -221,6 +222,8 @@ func FuzzInnerRequestLine(f *testing.F) {
 		{"GET plain.test:80 HTTP/1.1", "plain.test"},
 		{"OPTIONS * HTTP/1.1", "api.test"},
 		{"PRI * HTTP/2.0", ""},
+		{"TRACE / HTTP/1.1", "api.test"},
+		{"track http://plain.test/ HTTP/1.1", "plain.test"},
 		{"HEAD http://plain.test HTTP/1.1", "plain.test"},
 	} {
 		f.Add(s[0], s[1])

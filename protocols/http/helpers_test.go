@@ -631,7 +631,7 @@ func originFormViolation(s wireSeen, want string) string {
 		return fmt.Sprintf("malformed request line %q", s.Line)
 	}
 	switch strings.ToUpper(method) {
-	case "PRI", "CONNECT":
+	case "PRI", "TRACE", "TRACK", "CONNECT":
 		return fmt.Sprintf("method %q forwarded", method)
 	}
 	if !strings.HasPrefix(target, "/") {

@@ -35,6 +35,14 @@ func screen(r *http.Request) (status int, reason, msg string) {
 	return 0, "", ""
 }
 
+// echoMethod reports whether method makes a server send the request back
+// (RFC 9110 section 9.3.8; TRACK is IIS's TRACE): with a credential
+// injected, that would hand it to the app. Methods are case-sensitive,
+// but some servers are not.
+func echoMethod(method string) bool {
+	return strings.EqualFold(method, http.MethodTrace) || strings.EqualFold(method, "TRACK")
+}
+
 // checkTarget accepts the two request-target forms credproxy forwards
 // (RFC 9112 section 3.2): origin-form ("/path?query") and absolute-form
 // naming an http or https authority ("https://host/path?query"). Which of
