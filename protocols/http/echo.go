@@ -31,9 +31,14 @@ type echoScrubber struct {
 	forms []string
 }
 
+// newEchoScrubber returns nil when there is nothing to look for (no
+// value of minScrubLen or more): the response then costs no work.
 func newEchoScrubber(fields map[string]string, placed []string) *echoScrubber {
 	base := newScrubber(fields)
 	base.add(placed...)
+	if len(base.forms) == 0 {
+		return nil
+	}
 	forms := base.forms
 	for _, f := range base.forms {
 		if l := lowerHex(f); l != f {

@@ -8,7 +8,7 @@ import (
 	"strings"
 )
 
-// Refusal kinds of the request screen, as audit reasons.
+// The request screen's audit reasons, and its messages.
 const (
 	reasonBadRequest   = "bad request"
 	reasonMethod       = "method not allowed"

@@ -176,6 +176,7 @@ func peeked(br *bufio.Reader) []byte {
 // goes upstream.
 func (p *Proxy) refuseH2(x *exchange, c net.Conn) {
 	p.tunnelDenied(x, reasonProtocol, msgH2NotSupported, http.StatusHTTPVersionNotSupported)
+	_ = c.SetWriteDeadline(time.Now().Add(handshakeTimeout))
 	writeRawResponse(c, http.StatusHTTPVersionNotSupported, msgH2NotSupported)
 }
 
