@@ -9,7 +9,10 @@
 // (issued and cached by certmagic, in memory), and sends each request on to
 // the real host over verified TLS. The CONNECT host, the TLS server name and
 // every request's Host must agree, or the request is refused: a credential
-// only ever reaches the host its route names.
+// only ever reaches the host its route names. Requests go upstream in
+// origin-form only (target.go screens what arrives), and what the
+// upstream sends back has the injected values scrubbed from its headers
+// (echo.go), so the app cannot read the credential back.
 //
 // The proxy is built on github.com/elazarl/goproxy: its handler chain runs
 // every request (plain and intercepted), with credproxy's policy as the
