@@ -332,16 +332,7 @@ func TestHTTPConnectAllowedThenInnerEvilHost(t *testing.T) {
 		"GET /x HTTP/1.1\r\nHost: allowed.com:8443\r\n\r\n",
 		"GET /x HTTP/1.1\r\nHost: allowed.com.evil.com\r\n\r\n",
 	} {
-		c, _, status := h.rawConnect("allowed.com:443")
-		if status != 200 {
-			t.Fatalf("CONNECT: %d", status)
-		}
-		tc, err := h.tlsInTunnel(c, "allowed.com", false)
-		if err != nil {
-			t.Fatal(err)
-		}
-		io.WriteString(tc, raw)
-		resp, body := h.readResponse(bufio.NewReader(tc))
+		resp, body := h.inTLSTunnel("allowed.com:443", "allowed.com", raw)
 		if resp.StatusCode != http.StatusForbidden || !strings.Contains(body, "inside a tunnel to allowed.com:443") || !resp.Close {
 			t.Errorf("%q: status %d close %v body %q", raw, resp.StatusCode, resp.Close, body)
 		}
@@ -633,16 +624,7 @@ func TestHTTPOpaqueAndOddTargetsRefused(t *testing.T) {
 		"OPTIONS * HTTP/1.1\r\nHost: allowed.com\r\n\r\n",
 		"GET https://someone@allowed.com/x HTTP/1.1\r\nHost: allowed.com\r\n\r\n",
 	} {
-		c, _, status := h.rawConnect("allowed.com:443")
-		if status != 200 {
-			t.Fatalf("CONNECT: %d", status)
-		}
-		tc, err := h.tlsInTunnel(c, "allowed.com", false)
-		if err != nil {
-			t.Fatal(err)
-		}
-		io.WriteString(tc, raw)
-		resp, body := h.readResponse(bufio.NewReader(tc))
+		resp, body := h.inTLSTunnel("allowed.com:443", "allowed.com", raw)
 		if resp.StatusCode != http.StatusBadRequest || !strings.Contains(body, "request-target") || !resp.Close {
 			t.Errorf("%q: status %d close %v body %q", raw, resp.StatusCode, resp.Close, body)
 		}
@@ -668,13 +650,7 @@ func TestHTTPOpaqueAndOddTargetsRefused(t *testing.T) {
 		t.Errorf("upstream saw %+v", reqs)
 	}
 	// What is accepted goes upstream in origin-form.
-	c, _, _ := h.rawConnect("allowed.com:443")
-	tc, err := h.tlsInTunnel(c, "allowed.com", false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	io.WriteString(tc, "GET https://allowed.com/abs?q=1 HTTP/1.1\r\nHost: evil.com\r\n\r\n")
-	if resp, _ := h.readResponse(bufio.NewReader(tc)); resp.StatusCode != 200 {
+	if resp, _ := h.inTLSTunnel("allowed.com:443", "allowed.com", "GET https://allowed.com/abs?q=1 HTTP/1.1\r\nHost: evil.com\r\n\r\n"); resp.StatusCode != 200 {
 		t.Fatalf("absolute-form for the tunnel's host: %d", resp.StatusCode)
 	}
 	if status, _, all, err := h.curl(h.caFile, "http://allowed.com/plain?q=2"); err != nil || status != "200" {
@@ -744,16 +720,7 @@ func TestHTTPTraceRefusedAndRedirectScrubbed(t *testing.T) {
 func TestHTTPH2PrefaceInTLSTunnel(t *testing.T) {
 	t.Parallel()
 	h := startHTTPProxy(t, httpSetup{routes: []config.HTTPRoute{httpHeaderRoute("allowed.com")}})
-	c, _, status := h.rawConnect("allowed.com:443")
-	if status != 200 {
-		t.Fatalf("CONNECT: %d", status)
-	}
-	tc, err := h.tlsInTunnel(c, "allowed.com", false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	io.WriteString(tc, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-	resp, body := h.readResponse(bufio.NewReader(tc))
+	resp, body := h.inTLSTunnel("allowed.com:443", "allowed.com", "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
 	if resp.StatusCode != http.StatusHTTPVersionNotSupported || !strings.Contains(body, "HTTP/2 is not supported") {
 		t.Errorf("status %d body %q", resp.StatusCode, body)
 	}
