@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"path/filepath"
@@ -331,16 +332,7 @@ func TestHTTPConnectAllowedThenInnerEvilHost(t *testing.T) {
 		"GET /x HTTP/1.1\r\nHost: allowed.com:8443\r\n\r\n",
 		"GET /x HTTP/1.1\r\nHost: allowed.com.evil.com\r\n\r\n",
 	} {
-		c, _, status := h.rawConnect("allowed.com:443")
-		if status != 200 {
-			t.Fatalf("CONNECT: %d", status)
-		}
-		tc, err := h.tlsInTunnel(c, "allowed.com", false)
-		if err != nil {
-			t.Fatal(err)
-		}
-		io.WriteString(tc, raw)
-		resp, body := h.readResponse(bufio.NewReader(tc))
+		resp, body := h.inTLSTunnel("allowed.com:443", "allowed.com", raw)
 		if resp.StatusCode != http.StatusForbidden || !strings.Contains(body, "inside a tunnel to allowed.com:443") || !resp.Close {
 			t.Errorf("%q: status %d close %v body %q", raw, resp.StatusCode, resp.Close, body)
 		}
@@ -613,4 +605,129 @@ func TestHTTPDebugLogRedactsHeaders(t *testing.T) {
 	if bytes.Contains(h.logs.Bytes(), []byte("app-value-0123")) {
 		t.Error("a header value reached the log")
 	}
+}
+
+// ---- request hygiene (issue 8) ----
+
+// An opaque request-target has no URL host, so it used to pass the Host
+// check inside a tunnel and go upstream as it came: an absolute-form
+// target naming another host, which a host-routed server (Go's own)
+// serves as that host, credential attached. Every target that is not
+// origin-form or an absolute URL naming the tunnel's host is refused, on
+// the proxy listener too, and only origin-form goes upstream.
+func TestHTTPOpaqueAndOddTargetsRefused(t *testing.T) {
+	t.Parallel()
+	h := startHTTPProxy(t, httpSetup{routes: []config.HTTPRoute{httpHeaderRoute("allowed.com")}})
+	for _, raw := range []string{
+		"GET https:http://evil.com/x HTTP/1.1\r\nHost: allowed.com\r\n\r\n",
+		"GET https:evil.com/x HTTP/1.1\r\nHost: allowed.com\r\n\r\n",
+		"OPTIONS * HTTP/1.1\r\nHost: allowed.com\r\n\r\n",
+		"GET https://someone@allowed.com/x HTTP/1.1\r\nHost: allowed.com\r\n\r\n",
+	} {
+		resp, body := h.inTLSTunnel("allowed.com:443", "allowed.com", raw)
+		if resp.StatusCode != http.StatusBadRequest || !strings.Contains(body, "request-target") || !resp.Close {
+			t.Errorf("%q: status %d close %v body %q", raw, resp.StatusCode, resp.Close, body)
+		}
+	}
+	// On the proxy listener: userinfo and an opaque URL.
+	for _, raw := range []string{
+		"GET http://someone:pw@allowed.com/x HTTP/1.1\r\nHost: allowed.com\r\n\r\n",
+		"GET http:http://evil.com/x HTTP/1.1\r\nHost: allowed.com\r\n\r\n",
+	} {
+		c, err := net.DialTimeout("tcp", h.addr, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(15 * time.Second))
+		io.WriteString(c, raw)
+		resp, body := h.readResponse(bufio.NewReader(c))
+		c.Close()
+		if resp.StatusCode != http.StatusBadRequest || !strings.Contains(body, "request-target") {
+			t.Errorf("%q: status %d body %q", raw, resp.StatusCode, body)
+		}
+	}
+	if reqs := h.up.requests(); len(reqs) != 0 {
+		t.Errorf("upstream saw %+v", reqs)
+	}
+	// What is accepted goes upstream in origin-form.
+	if resp, _ := h.inTLSTunnel("allowed.com:443", "allowed.com", "GET https://allowed.com/abs?q=1 HTTP/1.1\r\nHost: evil.com\r\n\r\n"); resp.StatusCode != 200 {
+		t.Fatalf("absolute-form for the tunnel's host: %d", resp.StatusCode)
+	}
+	if status, _, all, err := h.curl(h.caFile, "http://allowed.com/plain?q=2"); err != nil || status != "200" {
+		t.Fatalf("curl: %s %v\n%s", status, err, all)
+	}
+	reqs := h.up.requests()
+	if len(reqs) != 2 || reqs[0].RequestURI != "/abs?q=1" || reqs[1].RequestURI != "/plain?q=2" {
+		t.Errorf("upstream saw %+v", reqs)
+	}
+	for _, s := range reqs {
+		if s.Host != "allowed.com" {
+			t.Errorf("upstream Host %q", s.Host)
+		}
+	}
+	h.waitAudit("bad request", func(r audit.Record) bool {
+		return r.Event == audit.EventDenied && r.Reason == "bad request" && r.Status == http.StatusBadRequest && r.Service == "allowed.com"
+	})
+}
+
+// TRACE would echo the injected Authorization; a query key that a stock
+// ServeMux puts in a redirect's Location comes back REDACTED, and curl -L
+// still lands, with the key injected again.
+func TestHTTPTraceRefusedAndRedirectScrubbed(t *testing.T) {
+	t.Parallel()
+	h := startHTTPProxy(t, httpSetup{routes: []config.HTTPRoute{
+		httpHeaderRoute("allowed.com"),
+		{Host: "api.allowed.com", Credentials: "apikey", Inject: config.Inject{Query: &config.NameValue{Name: "api_key", Value: "{{ .key }}"}}},
+	}})
+	mux := http.NewServeMux()
+	mux.HandleFunc("/files/", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "files page %s key-ok=%v\n", r.URL.Query().Get("page"), r.URL.Query().Get("api_key") == h.creds.apiKey)
+	})
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		// A server with TRACE on: the request comes back.
+		w.Header().Set("Content-Type", "message/http")
+		r.Write(w)
+	})
+	h.up.setHandler(func(w http.ResponseWriter, r *http.Request, _ []byte) { mux.ServeHTTP(w, r) })
+
+	for _, u := range []string{"https://allowed.com/", "http://allowed.com/"} {
+		status, body, all, _ := h.curl(h.caFile, "-X", "TRACE", u)
+		if status != "405" || !strings.Contains(body, "TRACE is not allowed on route allowed.com") {
+			t.Errorf("curl -X TRACE %s: %s\n%s", u, status, all)
+		}
+	}
+	if n := len(h.up.requests()); n != 0 {
+		t.Errorf("upstream saw %d requests", n)
+	}
+	h.waitAudit("TRACE denied", func(r audit.Record) bool {
+		return r.Event == audit.EventDenied && r.Reason == "method not allowed" && r.Method == "TRACE" && r.Status == 405
+	})
+
+	// curl -i shows the redirect's headers; the collector checks its
+	// whole output for the key in every form.
+	status, out, all, err := h.curl(h.caFile, "-i", "https://api.allowed.com/files?page=2")
+	if err != nil || status[0] != '3' || !strings.Contains(out, "Location: /files/?page=2&api_key=REDACTED") {
+		t.Errorf("redirect: %s %v\n%s", status, err, all)
+	}
+	status, body, all, err := h.curl(h.caFile, "-L", "https://api.allowed.com/files?page=3")
+	if err != nil || status != "200" || strings.TrimSpace(body) != "files page 3 key-ok=true" {
+		t.Errorf("curl -L: %s %v %q\n%s", status, err, body, all)
+	}
+}
+
+// An h2 client that ignores ALPN sends the preface inside the TLS tunnel:
+// 505, a denied record, nothing upstream.
+func TestHTTPH2PrefaceInTLSTunnel(t *testing.T) {
+	t.Parallel()
+	h := startHTTPProxy(t, httpSetup{routes: []config.HTTPRoute{httpHeaderRoute("allowed.com")}})
+	resp, body := h.inTLSTunnel("allowed.com:443", "allowed.com", "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+	if resp.StatusCode != http.StatusHTTPVersionNotSupported || !strings.Contains(body, "HTTP/2 is not supported") {
+		t.Errorf("status %d body %q", resp.StatusCode, body)
+	}
+	if n := len(h.up.requests()); n != 0 {
+		t.Errorf("upstream saw %d requests", n)
+	}
+	h.waitAudit("h2 denied", func(r audit.Record) bool {
+		return r.Event == audit.EventDenied && r.Reason == "unsupported protocol" && r.Method == "CONNECT" && r.Status == 505
+	})
 }

@@ -532,6 +532,25 @@ func (h *httpHarness) tlsInTunnel(c net.Conn, serverName string, insecure bool) 
 	return tc, tc.Handshake()
 }
 
+// inTLSTunnel opens a CONNECT tunnel to target, does TLS for serverName
+// inside it (verifying the interception certificate), writes raw and
+// reads one response.
+func (h *httpHarness) inTLSTunnel(target, serverName, raw string) (*http.Response, string) {
+	h.t.Helper()
+	c, _, status := h.rawConnect(target)
+	if status != http.StatusOK {
+		h.t.Fatalf("CONNECT %s: %d", target, status)
+	}
+	tc, err := h.tlsInTunnel(c, serverName, false)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	if _, err := io.WriteString(tc, raw); err != nil {
+		h.t.Fatalf("write in the tunnel: %v", err)
+	}
+	return h.readResponse(bufio.NewReader(tc))
+}
+
 // caPool trusts the interception CA.
 func (h *httpHarness) caPool() *x509.CertPool {
 	pool := x509.NewCertPool()

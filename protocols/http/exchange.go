@@ -122,9 +122,15 @@ func (p *Proxy) serveInner(w http.ResponseWriter, r *http.Request) {
 			ic.markFinished()
 		}
 	}()
+	x.host, x.port, x.service = t.host, t.port, t.route.name()
 	if x.connect {
-		x.host, x.port, x.service = t.host, t.port, t.route.name()
 		x.writeRefusal(http.StatusMethodNotAllowed, "bad request", "credproxy: CONNECT inside an intercepted tunnel is not allowed", true)
+		return
+	}
+	// Before goproxy sees it: the URL is rewritten below, and an opaque or
+	// asterisk target must not be.
+	if status, reason, msg := screen(x.req); status != 0 {
+		x.writeRefusal(status, reason, msg, true)
 		return
 	}
 	x.innerHost, x.innerPort, x.innerScheme, x.innerErr = innerAuthority(x.req, t)
@@ -155,15 +161,21 @@ func innerAuthority(r *http.Request, t *tunnel) (host, port, scheme string, err 
 	return host, port, scheme, err
 }
 
-// nonProxy answers an origin-form request on the proxy listener.
+// nonProxy answers a request on the proxy listener whose target is not
+// an absolute URL: origin-form, "*" (the h2 preface among them) or
+// anything else net/http let through.
 func (p *Proxy) nonProxy(w http.ResponseWriter, r *http.Request) {
 	x := exchangeFrom(r.Context())
-	msg := "credproxy: this is a forward proxy; send absolute URLs (set HTTP_PROXY / HTTPS_PROXY)"
+	status, reason, msg := screen(r)
+	if status == 0 || status == http.StatusBadRequest {
+		status, reason, msg = http.StatusBadRequest, reasonBadRequest,
+			"credproxy: this is a forward proxy; send absolute URLs (set HTTP_PROXY / HTTPS_PROXY)"
+	}
 	if x != nil {
 		x.service = r.Host
-		x.status, x.reason, x.errMsg = http.StatusBadRequest, "bad request", msg
+		x.status, x.reason, x.errMsg = status, reason, msg
 	}
-	writeText(w, http.StatusBadRequest, msg, false)
+	writeText(w, status, msg, false)
 }
 
 // onRequest is goproxy's request handler: policy. It refuses with a
@@ -201,6 +213,10 @@ func (x *exchange) decide(req *http.Request) *http.Response {
 		}
 		requested = t.scheme
 	} else {
+		if status, reason, msg := screen(req); status != 0 {
+			x.service = req.URL.Host
+			return x.refuse(status, reason, msg, true)
+		}
 		requested = strings.ToLower(req.URL.Scheme)
 		def := portHTTP
 		switch requested {
@@ -225,6 +241,10 @@ func (x *exchange) decide(req *http.Request) *http.Response {
 				"credproxy: no route for %s (http.default: deny)", net.JoinHostPort(host, port)), false)
 		}
 		x.service = x.route.name()
+	}
+	if echoMethod(req.Method) {
+		return x.refuse(http.StatusMethodNotAllowed, reasonMethod, fmt.Sprintf(
+			"credproxy: %s is not allowed on route %s: the upstream would echo the injected credential", strings.ToUpper(req.Method), x.route.name()), false)
 	}
 	// No downgrade: only a plain-HTTP request to a route that opted in
 	// with upstream: http goes upstream in cleartext.
@@ -265,23 +285,24 @@ func (x *exchange) decide(req *http.Request) *http.Response {
 func (x *exchange) RoundTrip(req *http.Request, _ *goproxy.ProxyCtx) (*http.Response, error) {
 	out := req.Clone(req.Context())
 	out.RequestURI = ""
-	out.URL.Scheme = x.scheme
-	out.URL.Host = authority(x.host, x.port, x.scheme)
-	out.URL.User = nil
+	out.URL = originURL(x.scheme, authority(x.host, x.port, x.scheme), req.URL)
 	out.Host = ""
 	out.Close = false
 	out.Trailer = nil
 	wantWS := isWebSocket(req.Header)
 	sanitizeHeaders(out.Header, true)
 
+	var echo *echoScrubber
 	if x.route != nil {
 		fields := x.reveal()
 		err := x.route.inject.Inject(out.Context(), out, fields)
-		clear(fields)
 		if err != nil {
+			clear(fields)
 			return x.injectFailure(err), nil
 		}
 		x.placed = x.route.inject.Placed(out)
+		echo = newEchoScrubber(x.route.inject.Uses().pick(fields), x.placed)
+		clear(fields)
 	}
 	resp, err := x.p.transportFor(x.route).RoundTrip(out)
 	if err != nil {
@@ -294,7 +315,34 @@ func (x *exchange) RoundTrip(req *http.Request, _ *goproxy.ProxyCtx) (*http.Resp
 			"credproxy: upstream %s switched protocols to %q, which credproxy does not relay", out.URL.Host, resp.Header.Get("Upgrade")), true), nil
 	}
 	sanitizeHeaders(resp.Header, resp.StatusCode == http.StatusSwitchingProtocols)
+	if echo != nil {
+		x.scrubResponse(resp, echo)
+	}
 	return resp, nil
+}
+
+// scrubResponse keeps the injected credential from coming back to the
+// app: it scrubs every response header (and the trailers, once the body
+// is read), and drops the body of a redirect when the credential is in
+// the URL, since that body repeats Location. Other bodies go to the app
+// as the upstream sent them (see the README on the query injector).
+func (x *exchange) scrubResponse(resp *http.Response, echo *echoScrubber) {
+	if names := echo.header(resp.Header); len(names) > 0 {
+		if ce := x.log.Check(zapcore.DebugLevel, "upstream echoed the injected credential; scrubbed"); ce != nil {
+			ce.Write(zap.String("route", x.route.name()), zap.Strings("headers", names), zap.Int("status", resp.StatusCode))
+		}
+	}
+	if x.route.inject.Kind() == "query" && isRedirect(resp.StatusCode) && x.req.Method != http.MethodHead {
+		resp.Body.Close()
+		resp.Body, resp.ContentLength, resp.TransferEncoding, resp.Trailer = http.NoBody, 0, nil, nil
+		resp.Header.Del("Content-Encoding")
+		resp.Header.Set("Content-Length", "0")
+		return
+	}
+	if resp.ContentLength < 0 && resp.StatusCode != http.StatusSwitchingProtocols {
+		// Only a body of unknown length (chunked) can end in trailers.
+		resp.Body = &trailerScrubber{ReadCloser: resp.Body, resp: resp, s: echo}
+	}
 }
 
 // reveal returns the credential's values, for injection and for redacting

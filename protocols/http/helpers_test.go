@@ -18,6 +18,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/textproto"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -138,6 +139,7 @@ func (p *testPKI) serverCert(t testing.TB, names ...string) tls.Certificate {
 // seen is one request an upstream received.
 type seen struct {
 	Method, Host, Path, RawQuery string
+	RequestURI                   string // the request-target as it came on the wire
 	Header                       http.Header
 	Body                         []byte
 	TLS                          bool
@@ -172,7 +174,7 @@ func (u *upstream) serve(w http.ResponseWriter, r *http.Request) {
 	body, _ := io.ReadAll(r.Body)
 	u.mu.Lock()
 	u.reqs = append(u.reqs, seen{Method: r.Method, Host: r.Host, Path: r.URL.Path, RawQuery: r.URL.RawQuery,
-		Header: r.Header.Clone(), Body: body, TLS: r.TLS != nil})
+		RequestURI: r.RequestURI, Header: r.Header.Clone(), Body: body, TLS: r.TLS != nil})
 	h := u.handler
 	u.mu.Unlock()
 	if h != nil {
@@ -334,7 +336,7 @@ func defaultFields() map[string]map[string]string {
 	}
 }
 
-func startProxy(t *testing.T, s proxySetup) *testProxy {
+func startProxy(t testing.TB, s proxySetup) *testProxy {
 	t.Helper()
 	dir := t.TempDir()
 	if err := InitCA(dir, io.Discard); err != nil {
@@ -410,7 +412,7 @@ func startProxy(t *testing.T, s proxySetup) *testProxy {
 
 // checkNoLeaks fails the test if a secret reached a log line, an audit
 // record or a body credproxy sent.
-func (tp *testProxy) checkNoLeaks(t *testing.T) {
+func (tp *testProxy) checkNoLeaks(t testing.TB) {
 	t.Helper()
 	var auditBuf bytes.Buffer
 	for _, r := range tp.audit.records() {
@@ -535,4 +537,127 @@ func body(r *http.Response) string {
 
 func pemCert(der []byte) []byte {
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+}
+
+// ---- a wire-level upstream ----
+
+// wireSeen is one request head as it arrived on the wire, before any
+// HTTP server could interpret (or reject) it.
+type wireSeen struct {
+	Line   string // the request line
+	Header textproto.MIMEHeader
+}
+
+// wireUpstream reads request heads off the wire and answers each with
+// 200 "ok". Unlike an httptest server it records what a net/http server
+// would refuse to hand to a handler (a target that is not a URI, "PRI *").
+type wireUpstream struct {
+	ln   net.Listener
+	wg   sync.WaitGroup
+	mu   sync.Mutex
+	reqs []wireSeen
+}
+
+// startWireUpstream listens on loopback: TLS with a certificate for names
+// when pki is set, cleartext otherwise.
+func startWireUpstream(t testing.TB, pki *testPKI, names ...string) *wireUpstream {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := &wireUpstream{ln: ln}
+	if pki != nil {
+		ln = tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{pki.serverCert(t, names...)}})
+	}
+	var conns sync.Map
+	u.wg.Add(1)
+	go func() {
+		defer u.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conns.Store(c, true)
+			u.wg.Add(1)
+			go func() {
+				defer u.wg.Done()
+				defer conns.Delete(c)
+				u.serve(c)
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		u.ln.Close()
+		conns.Range(func(c, _ any) bool { c.(net.Conn).Close(); return true })
+		u.wg.Wait()
+	})
+	return u
+}
+
+func (u *wireUpstream) serve(c net.Conn) {
+	defer c.Close()
+	tr := textproto.NewReader(bufio.NewReaderSize(c, 64<<10))
+	for {
+		line, err := tr.ReadLine()
+		if err != nil {
+			return
+		}
+		h, err := tr.ReadMIMEHeader()
+		if err != nil {
+			return
+		}
+		u.mu.Lock()
+		u.reqs = append(u.reqs, wireSeen{Line: line, Header: h})
+		u.mu.Unlock()
+		if h.Get("Content-Length") != "" || h.Get("Transfer-Encoding") != "" {
+			// Bodies are not expected here; answer and end the connection.
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+			return
+		}
+		resp := "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+		if strings.HasPrefix(line, "HEAD ") {
+			resp = strings.TrimSuffix(resp, "ok")
+		}
+		if _, err := io.WriteString(c, resp); err != nil {
+			return
+		}
+	}
+}
+
+func (u *wireUpstream) addr() string { return u.ln.Addr().String() }
+
+func (u *wireUpstream) requests() []wireSeen {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return append([]wireSeen(nil), u.reqs...)
+}
+
+// originFormViolation says what is wrong with a request head the proxy
+// sent upstream, or returns "": the target must be origin-form, the
+// method one credproxy forwards, and the Host exactly want, once.
+func originFormViolation(s wireSeen, want string) string {
+	method, rest, ok1 := strings.Cut(s.Line, " ")
+	target, proto, ok2 := strings.Cut(rest, " ")
+	if !ok1 || !ok2 || proto != "HTTP/1.1" {
+		return fmt.Sprintf("malformed request line %q", s.Line)
+	}
+	switch strings.ToUpper(method) {
+	case "PRI", "TRACE", "TRACK", "CONNECT":
+		return fmt.Sprintf("method %q forwarded", method)
+	}
+	if !strings.HasPrefix(target, "/") {
+		return fmt.Sprintf("request-target %q is not origin-form", target)
+	}
+	if u, err := url.ParseRequestURI(target); err != nil || u.Scheme != "" || u.Host != "" || u.Opaque != "" || u.User != nil {
+		return fmt.Sprintf("request-target %q does not parse as origin-form", target)
+	}
+	if strings.ContainsAny(target, "# \t") {
+		return fmt.Sprintf("request-target %q has a fragment or whitespace", target)
+	}
+	if hs := s.Header.Values("Host"); len(hs) != 1 || hs[0] != want {
+		return fmt.Sprintf("Host %q, want exactly %q", hs, want)
+	}
+	return ""
 }

@@ -15,6 +15,7 @@ import (
 	"slices"
 	"strings"
 	"text/template"
+	"text/template/parse"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
@@ -38,6 +39,99 @@ type injector interface {
 	// Placed returns the values Inject put in req (a header value, a
 	// query parameter, a signature), for redaction.
 	Placed(req *http.Request) []string
+	// Uses names the credential fields Inject reads: the values an
+	// upstream could send back (see echoScrubber).
+	Uses() fieldUse
+}
+
+// fieldUse is the set of credential fields an injector reads; all means
+// its templates could read any (they pass the whole map on).
+type fieldUse struct {
+	names []string
+	all   bool
+}
+
+func (u fieldUse) Uses() fieldUse { return u }
+
+// pick returns the fields in u, from fields.
+func (u fieldUse) pick(fields map[string]string) map[string]string {
+	if u.all {
+		return fields
+	}
+	out := make(map[string]string, len(u.names))
+	for _, n := range u.names {
+		if v, ok := fields[n]; ok {
+			out[n] = v
+		}
+	}
+	return out
+}
+
+// templateFields is what the templates read of the field map: every
+// .field they name. A template that uses the map otherwise (a bare dot,
+// index, a nested template) may read any field.
+func templateFields(ts ...*template.Template) fieldUse {
+	var u fieldUse
+	var walk func(n parse.Node)
+	walkBranch := func(b *parse.BranchNode) {
+		walk(b.Pipe)
+		walk(b.List)
+		walk(b.ElseList)
+	}
+	walk = func(n parse.Node) {
+		switch n := n.(type) {
+		case *parse.ListNode:
+			if n != nil {
+				for _, c := range n.Nodes {
+					walk(c)
+				}
+			}
+		case *parse.PipeNode:
+			if n != nil {
+				for _, d := range n.Decl {
+					walk(d)
+				}
+				for _, c := range n.Cmds {
+					walk(c)
+				}
+			}
+		case *parse.ActionNode:
+			walk(n.Pipe)
+		case *parse.CommandNode:
+			for _, a := range n.Args {
+				walk(a)
+			}
+		case *parse.FieldNode:
+			u.names = append(u.names, n.Ident[0])
+		case *parse.VariableNode:
+			if len(n.Ident) > 1 && n.Ident[0] == "$" {
+				u.names = append(u.names, n.Ident[1])
+			} else if len(n.Ident) == 1 && n.Ident[0] == "$" {
+				u.all = true
+			}
+		case *parse.ChainNode:
+			walk(n.Node)
+		case *parse.IfNode:
+			walkBranch(&n.BranchNode)
+		case *parse.WithNode:
+			walkBranch(&n.BranchNode)
+		case *parse.RangeNode:
+			walkBranch(&n.BranchNode)
+		case *parse.TextNode, *parse.StringNode, *parse.NumberNode, *parse.BoolNode, *parse.NilNode,
+			*parse.IdentifierNode, *parse.CommentNode, *parse.BreakNode, *parse.ContinueNode:
+		case nil:
+		default: // a bare dot, a nested template, anything new
+			u.all = true
+		}
+	}
+	for _, t := range ts {
+		if t.Tree == nil {
+			u.all = true
+			continue
+		}
+		walk(t.Tree.Root)
+	}
+	return u
 }
 
 // injectError is a failure to inject: status and a message safe for the
@@ -70,7 +164,7 @@ func newInjector(in config.Inject) (injector, error) {
 		if err != nil {
 			return nil, err
 		}
-		return &headerInjector{name: name, value: t}, nil
+		return &headerInjector{name: name, value: t, fieldUse: templateFields(t)}, nil
 	case in.Basic != nil:
 		u, err := parseTemplate("basic.username", in.Basic.Username)
 		if err != nil {
@@ -80,7 +174,7 @@ func newInjector(in config.Inject) (injector, error) {
 		if err != nil {
 			return nil, err
 		}
-		return &basicInjector{user: u, password: p}, nil
+		return &basicInjector{user: u, password: p, fieldUse: templateFields(u, p)}, nil
 	case in.Query != nil:
 		if in.Query.Name == "" {
 			return nil, errors.New("query: name is empty")
@@ -89,12 +183,13 @@ func newInjector(in config.Inject) (injector, error) {
 		if err != nil {
 			return nil, err
 		}
-		return &queryInjector{name: in.Query.Name, value: t}, nil
+		return &queryInjector{name: in.Query.Name, value: t, fieldUse: templateFields(t)}, nil
 	case in.AWSSigV4 != nil:
 		if in.AWSSigV4.Service == "" || in.AWSSigV4.Region == "" {
 			return nil, errors.New("aws_sigv4: service and region are required")
 		}
-		return &sigv4Injector{service: in.AWSSigV4.Service, region: in.AWSSigV4.Region, signer: v4.NewSigner()}, nil
+		return &sigv4Injector{service: in.AWSSigV4.Service, region: in.AWSSigV4.Region, signer: v4.NewSigner(),
+			fieldUse: fieldUse{names: []string{"access_key", "secret_key", "session_token"}}}, nil
 	}
 	return nil, errors.New("set one of header, basic, query, aws_sigv4")
 }
@@ -122,6 +217,7 @@ func render(t *template.Template, fields map[string]string) (string, error) {
 type headerInjector struct {
 	name  string // canonical
 	value *template.Template
+	fieldUse
 }
 
 func (h *headerInjector) Kind() string { return "header" }
@@ -144,6 +240,7 @@ func (h *headerInjector) Inject(_ context.Context, req *http.Request, fields map
 // basicInjector sets Authorization: Basic.
 type basicInjector struct {
 	user, password *template.Template
+	fieldUse
 }
 
 func (b *basicInjector) Kind() string { return "basic" }
@@ -182,6 +279,7 @@ func (b *basicInjector) Inject(_ context.Context, req *http.Request, fields map[
 type queryInjector struct {
 	name  string
 	value *template.Template
+	fieldUse
 }
 
 func (q *queryInjector) Kind() string { return "query" }
@@ -238,6 +336,7 @@ func queryPieceNames(piece, name string) bool {
 type sigv4Injector struct {
 	service, region string
 	signer          *v4.Signer
+	fieldUse
 }
 
 func (s *sigv4Injector) Kind() string { return "aws_sigv4" }

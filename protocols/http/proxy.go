@@ -9,7 +9,10 @@
 // (issued and cached by certmagic, in memory), and sends each request on to
 // the real host over verified TLS. The CONNECT host, the TLS server name and
 // every request's Host must agree, or the request is refused: a credential
-// only ever reaches the host its route names.
+// only ever reaches the host its route names. Requests go upstream in
+// origin-form only (target.go screens what arrives), and what the
+// upstream sends back has the injected values scrubbed from its headers
+// (echo.go), so the app cannot read the credential back.
 //
 // The proxy is built on github.com/elazarl/goproxy: its handler chain runs
 // every request (plain and intercepted), with credproxy's policy as the
@@ -139,6 +142,10 @@ type Proxy struct {
 
 	ctx    context.Context // every request's base; cancelled by Close
 	cancel context.CancelFunc
+	// draining ends when Shutdown or Close begins: tunnels still waiting
+	// for their first request stop waiting, as idle connections do.
+	draining context.Context
+	drain    context.CancelFunc
 
 	startOnce sync.Once
 	servers   sync.WaitGroup // the two Serve goroutines
@@ -214,6 +221,7 @@ func New(opts Options) (*Proxy, error) {
 	}
 	p.passDial = p.passDialer(opts.DialContext)
 	p.ctx, p.cancel = context.WithCancel(context.Background())
+	p.draining, p.drain = context.WithCancel(context.Background())
 
 	p.transport = &http.Transport{
 		Proxy:       nil, // never the environment's proxy: that may be credproxy itself
@@ -275,8 +283,11 @@ func (p *Proxy) newServer(h http.Handler, name string) *http.Server {
 		ReadHeaderTimeout: readHeaderTimeout,
 		IdleTimeout:       p.idleTimeout(),
 		MaxHeaderBytes:    1 << 20,
-		ErrorLog:          stdLog(p.log.Named(name)),
-		BaseContext:       func(net.Listener) context.Context { return p.ctx },
+		// "OPTIONS *" reaches credproxy's handler, to be refused and
+		// audited, instead of net/http answering it.
+		DisableGeneralOptionsHandler: true,
+		ErrorLog:                     stdLog(p.log.Named(name)),
+		BaseContext:                  func(net.Listener) context.Context { return p.ctx },
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
 			return context.WithValue(ctx, connKey{}, c)
 		},
@@ -501,6 +512,7 @@ func (p *Proxy) Close() error {
 
 // stopAccepting refuses new connections and closes Serve's listeners.
 func (p *Proxy) stopAccepting() {
+	p.drain()
 	p.mu.Lock()
 	p.closing = true
 	lns := make([]net.Listener, 0, len(p.listeners))

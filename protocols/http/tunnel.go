@@ -106,17 +106,11 @@ func (p *Proxy) serveTunnel(x *exchange, t *tunnel, client net.Conn) error {
 		return fmt.Errorf("waiting for the client: %w", err)
 	}
 	isTLS := first[0] == 0x16 // a TLS handshake record
-	if !isTLS {
-		if pri, _ := br.Peek(3); string(pri) == "PRI" {
-			if pre, _ := br.Peek(len(h2Preface)); string(pre) == h2Preface {
-				p.tunnelDenied(x, "unsupported protocol", "credproxy: HTTP/2 is not supported through credproxy; use HTTP/1.1")
-				writeRawResponse(client, http.StatusHTTPVersionNotSupported, "credproxy: HTTP/2 is not supported through credproxy; use HTTP/1.1")
-				return errH2
-			}
-		}
+	if !isTLS && isH2Preface(br) {
+		p.refuseH2(x, client)
+		return errH2
 	}
-	buffered, _ := br.Peek(br.Buffered())
-	conn := newReplayConn(client, buffered)
+	conn := newReplayConn(client, peeked(br))
 	t.scheme = "http"
 	if isTLS {
 		t.scheme = "https"
@@ -125,10 +119,30 @@ func (p *Proxy) serveTunnel(x *exchange, t *tunnel, client net.Conn) error {
 		err := tc.HandshakeContext(hctx)
 		cancel()
 		if err != nil {
-			p.tunnelDenied(x, "client TLS handshake failed", "credproxy: client TLS handshake failed: "+err.Error())
+			p.tunnelDenied(x, "client TLS handshake failed", "credproxy: client TLS handshake failed: "+err.Error(), 0)
 			return fmt.Errorf("client TLS handshake: %w", err)
 		}
-		conn = tc
+		// ALPN offers only http/1.1, but a client may send the h2
+		// preface regardless: the decrypted stream gets the check the
+		// cleartext one got. The first request has readHeaderTimeout to
+		// arrive, as it would on the inner server.
+		_ = client.SetReadDeadline(time.Now().Add(readHeaderTimeout))
+		stop := context.AfterFunc(p.draining, func() { _ = client.SetReadDeadline(time.Now()) })
+		tbr := bufio.NewReader(tc)
+		_, err = tbr.Peek(1)
+		stop()
+		if err != nil {
+			if errors.Is(err, io.EOF) || p.draining.Err() != nil {
+				return nil // the client left, or the proxy is shutting down, before a request
+			}
+			return fmt.Errorf("waiting for the first request: %w", err)
+		}
+		if isH2Preface(tbr) {
+			p.refuseH2(x, tc)
+			_ = tc.Close()
+			return errH2
+		}
+		conn = newReplayConn(tc, peeked(tbr))
 	}
 	_ = client.SetDeadline(time.Time{})
 	ic := &innerConn{Conn: conn, tun: t, served: newServed()}
@@ -138,6 +152,32 @@ func (p *Proxy) serveTunnel(x *exchange, t *tunnel, client net.Conn) error {
 	}
 	<-ic.finished
 	return nil
+}
+
+// isH2Preface reports whether the stream starts with the HTTP/2 client
+// preface. It waits for more than one byte only when the first three are
+// "PRI", so an HTTP/1.1 request line shorter than the preface is never
+// waited on.
+func isH2Preface(br *bufio.Reader) bool {
+	if pri, _ := br.Peek(3); string(pri) != "PRI" {
+		return false
+	}
+	pre, _ := br.Peek(len(h2Preface))
+	return string(pre) == h2Preface
+}
+
+// peeked is what br has buffered, to be replayed.
+func peeked(br *bufio.Reader) []byte {
+	b, _ := br.Peek(br.Buffered())
+	return b
+}
+
+// refuseH2 audits and answers an h2 preface in a tunnel: 505, and nothing
+// goes upstream.
+func (p *Proxy) refuseH2(x *exchange, c net.Conn) {
+	p.tunnelDenied(x, reasonProtocol, msgH2NotSupported, http.StatusHTTPVersionNotSupported)
+	_ = c.SetWriteDeadline(time.Now().Add(handshakeTimeout))
+	writeRawResponse(c, http.StatusHTTPVersionNotSupported, msgH2NotSupported)
 }
 
 // tunnelTLS offers only http/1.1 by ALPN (a client that insists on h2 is
@@ -266,12 +306,13 @@ func (p *Proxy) sessionEnded(x *exchange, start time.Time, in, out int64, err er
 		zap.Duration("duration", dur), zap.String("error", msg))
 }
 
-// tunnelDenied audits a tunnel refused after the CONNECT was accepted.
-func (p *Proxy) tunnelDenied(x *exchange, reason, msg string) {
+// tunnelDenied audits a tunnel refused after the CONNECT was accepted;
+// status is what the client was told, if anything (0: nothing).
+func (p *Proxy) tunnelDenied(x *exchange, reason, msg string, status int) {
 	rec := x.record(audit.EventDenied)
 	rec.Reason = reason
 	rec.Error = audit.String(msg)
-	rec.Method, rec.Host = http.MethodConnect, x.host
+	rec.Method, rec.Host, rec.Status = http.MethodConnect, x.host, status
 	p.audit.Record(rec)
 	x.log.Warn("tunnel refused", zap.String("reason", reason), zap.String("error", msg))
 }
