@@ -109,6 +109,8 @@ type Postgres struct {
 	StartupTimeout Duration `yaml:"startup_timeout"`
 	// ConnectTimeout bounds credential fetch, upstream dial, TLS and auth (default 10s).
 	ConnectTimeout Duration `yaml:"connect_timeout"`
+	// Rotation is how sessions move to a fresh credential when theirs ends.
+	Rotation Rotation `yaml:"rotation"`
 	// MaxSessions bounds the established sessions on this listener; one
 	// more is refused after its startup packet with FATAL 53300, as
 	// PostgreSQL refuses one over max_connections. 0 (default): derived
@@ -119,6 +121,15 @@ type Postgres struct {
 	// refused at once, before anything is read, with FATAL 53300. 0
 	// (default): derived from the open-file limit.
 	MaxHandshakes int `yaml:"max_handshakes"`
+}
+
+// Rotation says when a session moves to a fresh credential.
+type Rotation struct {
+	// MigrateBefore is how long before its credential ends a session starts
+	// moving to a fresh one (at the next idle point between transactions).
+	// 0 (default): as soon as credproxy knows the credential will end — a
+	// lease at its max TTL, refused or revoked, or a Vault token ending.
+	MigrateBefore Duration `yaml:"migrate_before"`
 }
 
 // PostgresTLS is TLS from credproxy to the upstream database.
@@ -216,6 +227,10 @@ type AWSSigV4 struct {
 func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
 	if n.Kind != yaml.ScalarNode {
 		return errors.New(`must be a duration such as "90s" or "1h"`)
+	}
+	if strings.TrimSpace(n.Value) == "" {
+		*d = 0 // "" means the default, as for any key left out
+		return nil
 	}
 	v, err := time.ParseDuration(strings.TrimSpace(n.Value))
 	if err != nil {

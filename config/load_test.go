@@ -305,3 +305,37 @@ func TestDurationYAML(t *testing.T) {
 		t.Errorf("MarshalYAML = %v, %v; want 1m30s", v, err)
 	}
 }
+
+// rotation.migrate_before as INTERFACE.md writes it ("") means the
+// default; a Go duration sets it; a negative one is refused.
+func TestRotationMigrateBefore(t *testing.T) {
+	for _, tc := range []struct {
+		value   string
+		want    time.Duration
+		problem string
+	}{
+		{`""`, 0, ""},
+		{"90s", 90 * time.Second, ""},
+		{"-1s", 0, "postgres[0].rotation.migrate_before: must not be negative"},
+	} {
+		t.Run(tc.value, func(t *testing.T) {
+			dir := fixture(t)
+			cfg, lines := parseLines(t, dir, `
+secrets:
+  app: {static: {username: app, password_file: app.pw}}
+postgres:
+  - name: a
+    listen: "127.0.0.1:6432"
+    upstream: db.internal
+    credentials: app
+    rotation: {migrate_before: `+tc.value+`}
+`)
+			if got := strings.Join(lines, "\n"); got != tc.problem {
+				t.Fatalf("problems %q, want %q", got, tc.problem)
+			}
+			if tc.problem == "" && cfg.Postgres[0].Rotation.MigrateBefore.D() != tc.want {
+				t.Errorf("migrate_before = %v, want %v", cfg.Postgres[0].Rotation.MigrateBefore, tc.want)
+			}
+		})
+	}
+}

@@ -349,6 +349,9 @@ func (c *Config) validatePostgres(v *validator, ls listeners, i int) {
 	}
 	v.notNegative(path+".max_sessions", p.MaxSessions)
 	v.notNegative(path+".max_handshakes", p.MaxHandshakes)
+	if p.Rotation.MigrateBefore < 0 {
+		v.add(path+".rotation.migrate_before", "must not be negative")
+	}
 }
 
 // notNegative checks a limit where 0 means the default.

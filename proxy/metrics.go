@@ -31,6 +31,8 @@ type Metrics struct {
 	rotations        *prometheus.CounterVec
 	httpRequests     *prometheus.CounterVec
 	configReloads    *prometheus.CounterVec
+	migrations       *prometheus.CounterVec
+	migrationSwap    *prometheus.HistogramVec
 	refused          *prometheus.CounterVec
 	timeouts         *prometheus.CounterVec
 }
@@ -57,6 +59,10 @@ func NewMetrics() *Metrics {
 		rotations:        f.counter("rotations_total", "Credentials replaced for new sessions.", "credential", "result"),
 		httpRequests:     f.counter("http_requests_total", "HTTP proxy requests by route, status code and whether a credential was injected.", "route", "code", "injected"),
 		configReloads:    f.counter("config_reloads_total", "Config reloads by result.", "result"),
+		migrations: f.counter("migrations_total", "Postgres sessions moved to a fresh credential, by result: ok, "+
+			"ended_unmovable_state, ended_at_deadline, or failed (an attempt that will be retried).", "service", "result"),
+		migrationSwap: f.histogram("migration_swap_seconds", "How long a migration held the session: reading its state, "+
+			"re-creating it on the new connection and swapping.", latency, "service"),
 		refused: f.counter("connections_refused_total", "Connections and requests turned away by credproxy's own limits "+
 			"(max_connections, max_sessions, max_handshakes, max_upstream_connections) or its tunnel deny list (destination_denied).",
 			"protocol", "service", "reason"),
@@ -132,6 +138,13 @@ func (o postgresObserver) Denied(service, kind string) {
 
 func (o postgresObserver) Refused(service, reason string) {
 	o.m.refused.WithLabelValues("postgres", service, reason).Inc()
+}
+
+func (o postgresObserver) Migrated(service, result string, swap time.Duration) {
+	o.m.migrations.WithLabelValues(service, result).Inc()
+	if result == postgres.MigrationOK {
+		o.m.migrationSwap.WithLabelValues(service).Observe(swap.Seconds())
+	}
 }
 
 func (o postgresObserver) UpstreamConnected(service string, d time.Duration) {

@@ -32,9 +32,20 @@ func NewCancelRegistry() *CancelRegistry {
 
 func cancelKey(pid, secret uint32) uint64 { return uint64(pid)<<32 | uint64(secret) }
 
-// issue registers a target and returns the key to give the app, and a func
-// that unregisters it when the session ends.
-func (r *CancelRegistry) issue(t cancelTarget) (pgproto3.BackendKeyData, func()) {
+// cancelEntry is one issued key: what the app was given, and the target
+// it stands for, which a migration changes.
+type cancelEntry struct {
+	r   *CancelRegistry
+	k   uint64
+	key pgproto3.BackendKeyData
+}
+
+// issue registers a target and returns its entry. The key's process id is
+// the backend's own, so that what the app sees (its connection's PID, its
+// own notifications) matches pg_backend_pid() and pg_stat_activity; the
+// secret is credproxy's, and never the backend's. Two backends of
+// different servers may share a process id: the secret tells them apart.
+func (r *CancelRegistry) issue(t cancelTarget) *cancelEntry {
 	var b [8]byte
 	for {
 		if _, err := rand.Read(b[:]); err != nil {
@@ -42,20 +53,37 @@ func (r *CancelRegistry) issue(t cancelTarget) (pgproto3.BackendKeyData, func())
 		}
 		// A positive, non-zero pid, as clients print and compare it as one.
 		pid := binary.BigEndian.Uint32(b[:4])&0x7fffffff | 1
+		if t.has && t.key.ProcessID != 0 {
+			pid = t.key.ProcessID
+		}
 		secret := binary.BigEndian.Uint32(b[4:])
+		if t.has && secret == t.key.SecretKey {
+			continue // never hand out the backend's own key
+		}
 		k := cancelKey(pid, secret)
 		r.mu.Lock()
 		if _, taken := r.targets[k]; !taken {
 			r.targets[k] = t
 			r.mu.Unlock()
-			return pgproto3.BackendKeyData{ProcessID: pid, SecretKey: secret}, func() {
-				r.mu.Lock()
-				delete(r.targets, k)
-				r.mu.Unlock()
-			}
+			return &cancelEntry{r: r, k: k, key: pgproto3.BackendKeyData{ProcessID: pid, SecretKey: secret}}
 		}
 		r.mu.Unlock()
 	}
+}
+
+// update points the entry's key at another target (a migration's new
+// backend).
+func (e *cancelEntry) update(t cancelTarget) {
+	e.r.mu.Lock()
+	e.r.targets[e.k] = t
+	e.r.mu.Unlock()
+}
+
+// unregister voids the key when the session ends.
+func (e *cancelEntry) unregister() {
+	e.r.mu.Lock()
+	delete(e.r.targets, e.k)
+	e.r.mu.Unlock()
 }
 
 func (r *CancelRegistry) lookup(pid, secret uint32) (cancelTarget, bool) {

@@ -12,7 +12,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgproto3/v2"
@@ -129,8 +128,11 @@ type session struct {
 	handshaking      bool // holds a max_handshakes place
 	slot             bool // holds a max_sessions place
 	database, dbUser string
-	// term ends the established session with a FATAL (lease end).
-	term atomic.Pointer[terminator]
+	// appPID is the process id the app was given (BackendKeyData); cancel
+	// is its cancel key's entry, which a migration points at the new
+	// backend.
+	appPID uint32
+	cancel *cancelEntry
 }
 
 // ServeConn serves one app connection until it ends, and closes it. It
@@ -266,16 +268,19 @@ func (s *session) run(ctx context.Context) error {
 	if err != nil {
 		return s.deny(err, out)
 	}
-	defer handle.Release()
-	defer up.conn.Close()
+	relayed := false // from then on the relay owns the backend and the credential
+	defer func() {
+		if !relayed {
+			handle.Release()
+			up.conn.Close()
+		}
+	}()
 
 	// Hand over: everything the app needs in one write.
-	target := cancelTarget{h: h, has: up.key != nil}
-	if up.key != nil {
-		target.key = *up.key
-	}
-	key, unregister := h.cancels.issue(target)
-	defer unregister()
+	s.cancel = h.cancels.issue(cancelTarget{h: h, key: derefKey(up.key), has: up.key != nil})
+	defer s.cancel.unregister()
+	key := s.cancel.key
+	s.appPID = key.ProcessID
 	// From here on shutdown ends the session with a FATAL at a message
 	// boundary (see relay) rather than by closing the socket.
 	if !stopHandshake() {
@@ -305,7 +310,8 @@ func (s *session) run(ctx context.Context) error {
 	s.log.Info("session started", zap.String("upstream", h.cfg.Upstream),
 		zap.String("database", s.database), zap.String("db_user", s.dbUser), zap.String("credential", handle.Name))
 
-	return s.end(s.relay(ctx, up, handle))
+	relayed = true
+	return s.end(newRelay(s, up, handle, params).run(ctx))
 }
 
 // login acquires the service's credential and logs in upstream with it. A
@@ -323,7 +329,7 @@ func (s *session) login(ctx context.Context, params map[string]string) (*credent
 		params["user"] = s.dbUser
 		upCtx, cancel := context.WithTimeout(ctx, s.h.cfg.ConnectTimeout.D())
 		start := time.Now()
-		up, err := s.connect(upCtx, password, params)
+		up, err := s.connect(upCtx, s.dbUser, password, params)
 		cancel()
 		if err == nil {
 			s.h.obs.UpstreamConnected(s.h.cfg.Name, time.Since(start))
@@ -359,8 +365,9 @@ func (s *session) acquire(ctx context.Context) (*credentials.Handle, error) {
 	return handle, nil
 }
 
-// connect dials, secures and logs in to the upstream within ctx's deadline.
-func (s *session) connect(ctx context.Context, password credentials.Secret, params map[string]string) (*upstream, error) {
+// connect dials, secures and logs in to the upstream as user within ctx's
+// deadline.
+func (s *session) connect(ctx context.Context, user string, password credentials.Secret, params map[string]string) (*upstream, error) {
 	conn, err := s.h.dialUpstream(ctx)
 	if err != nil {
 		return nil, err
@@ -369,7 +376,7 @@ func (s *session) connect(ctx context.Context, password credentials.Secret, para
 		_ = conn.SetDeadline(d)
 	}
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
-	up, err := s.h.login(conn, s.dbUser, password, params)
+	up, err := s.h.login(conn, user, password, params)
 	if !stop() || err != nil {
 		conn.Close()
 		if err == nil || ctx.Err() != nil {

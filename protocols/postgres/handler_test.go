@@ -10,6 +10,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/base64"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/pem"
 	"fmt"
@@ -627,8 +628,10 @@ func TestHandover(t *testing.T) {
 	if h.key == nil {
 		t.Fatalf("no BackendKeyData")
 	}
-	if h.key.ProcessID == upstreamPID || h.key.SecretKey == upstreamSecret {
-		t.Errorf("BackendKeyData %d/%#x reveals the upstream's %d/%#x", h.key.ProcessID, h.key.SecretKey, upstreamPID, upstreamSecret)
+	// The app sees the backend's own process id (what pg_backend_pid() and
+	// pg_stat_activity show) and a secret of credproxy's.
+	if h.key.ProcessID != upstreamPID || h.key.SecretKey == upstreamSecret {
+		t.Errorf("BackendKeyData %d/%#x; want the upstream's pid %d and another secret than %#x", h.key.ProcessID, h.key.SecretKey, upstreamPID, upstreamSecret)
 	}
 	if h.key.ProcessID == 0 || int32(h.key.ProcessID) < 0 {
 		t.Errorf("issued pid %d is not a positive int32", h.key.ProcessID)
@@ -701,8 +704,8 @@ func TestPgxClient(t *testing.T) {
 				t.Errorf("Exec: %v", err)
 			}
 			pc := conn.PgConn()
-			if pc.PID() == upstreamPID {
-				t.Errorf("pgx sees the upstream's pid")
+			if sk := pc.SecretKey(); pc.PID() != upstreamPID || len(sk) == 4 && binary.BigEndian.Uint32(sk) == upstreamSecret {
+				t.Errorf("pgx sees %d/%x; want the upstream's pid with credproxy's secret", pc.PID(), sk)
 			}
 			if got := pc.ParameterStatus("server_version"); got != "16.2" {
 				t.Errorf("server_version = %q, want 16.2", got)

@@ -284,6 +284,21 @@ func (r *auditRecorder) find(event string) []audit.Record {
 	return out
 }
 
+// wait waits up to limit for a record of event and returns the first.
+func (r *auditRecorder) wait(t *testing.T, event string, limit time.Duration) audit.Record {
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	for {
+		if recs := r.find(event); len(recs) > 0 {
+			return recs[0]
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no %s record within %v; have %v", event, limit, r.events())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 func (r *auditRecorder) events() []string {
 	var out []string
 	for _, rec := range r.all() {

@@ -15,6 +15,9 @@ type Observer interface {
 	Denied(service, kind string)
 	// UpstreamConnected reports how long dial, TLS and login took.
 	UpstreamConnected(service string, d time.Duration)
+	// Migrated reports a migration's outcome (one of the Migration*
+	// results) and, for ok, how long the swap held the session.
+	Migrated(service, result string, swap time.Duration)
 	// Refused counts a connection turned away over a limit, with reason
 	// RefusedMaxSessions or RefusedMaxHandshakes; Denied is called too.
 	Refused(service, reason string)
@@ -66,4 +69,5 @@ func (nopObserver) SessionStarted(string)                                    {}
 func (nopObserver) SessionEnded(string, string, time.Duration, int64, int64) {}
 func (nopObserver) Denied(string, string)                                    {}
 func (nopObserver) UpstreamConnected(string, time.Duration)                  {}
+func (nopObserver) Migrated(string, string, time.Duration)                   {}
 func (nopObserver) Refused(string, string)                                   {}

@@ -1,15 +1,15 @@
 package postgres
 
 import (
-	"bufio"
 	"bytes"
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgproto3/v2"
@@ -22,52 +22,137 @@ import (
 // the message is streamed to the upstream and the record marked truncated.
 const maxAuditSQL = 1 << 20
 
-// relay streams both directions until either side ends. Without query
-// auditing it copies raw connections, so plain TCP on both sides uses
-// splice(2) and an idle session holds no user-space buffer.
-func (s *session) relay(ctx context.Context, up *upstream, handle *credentials.Handle) error {
+// maxSettingScan is how much of a statement is searched for the names of
+// custom settings a migration must carry (SET app.tenant = …).
+const maxSettingScan = 8 << 10
+
+// boundaryWait bounds how long a terminating session waits for the upstream
+// to finish the message it is in the middle of.
+const boundaryWait = time.Second
+
+// relay carries an established session: the app's messages to the backend
+// and the backend's to the app, each direction on its own goroutine, until
+// either side ends. It follows the framing of both directions (see
+// frames.go) so that it can
+//   - end the session with a FATAL at a message boundary (shutdown, a
+//     credential's end), as PostgreSQL does;
+//   - know when the backend is idle outside a transaction with nothing of
+//     the app's in flight, the one moment a migration may put another
+//     backend in its place (see migrate.go);
+//   - show the app a consistent process id in its own notifications.
+//
+// Idle, a session holds two goroutines and a small buffer per direction.
+type relay struct {
+	s      *session
+	client net.Conn // the app's connection, or its TLS layer
+	in     *stream  // reads the app
+	params map[string]string
+
+	mu       sync.Mutex
+	up       *backend
+	pending  int  // sync points forwarded whose ReadyForQuery has not come back
+	unsynced int  // messages in flight after the last sync point
+	midIn    bool // the app is in the middle of a message
+	tx       byte // status of the last ReadyForQuery
+	closing  bool // the app sent Terminate
+	hold     *hold
+	shown    map[string]string // ParameterStatus values the app has seen
+	custom   map[string]bool   // names of custom settings the app may have set
+
+	finished  bool // the relay ended: no migration starts
+	migrating bool // a migration runs
+	retired   bool // the credential was retired: the session was to move
+
+	term   atomic.Pointer[pgproto3.ErrorResponse] // end the session with this at the next boundary
+	termCh chan struct{}                          // closed when term is set
+	done   chan struct{}                          // closed when the relay ends
+	wg     sync.WaitGroup                         // a migration in progress
+
+	out int64 // bytes written to the app (toClient's)
+}
+
+// backend is one upstream connection and the credential it logged in with.
+type backend struct {
+	*upstream
+	rd     *stream
+	handle *credentials.Handle
+	scan   backendScan
+	user   string
+}
+
+// hold is a migration's claim on the session. The upstream copy parks at
+// an idle point (closing parked) and both copies wait for done.
+type hold struct {
+	parked   chan struct{}
+	done     chan struct{}
+	isParked bool
+}
+
+func newRelay(s *session, up *upstream, handle *credentials.Handle, params map[string]string) *relay {
 	client := s.raw
-	tlsClient := s.raw != net.Conn(s.client)
-	if !tlsClient {
-		client = s.client.Conn // bypass the handshake counter so io.Copy can splice
+	if client == net.Conn(s.client) {
+		client = s.client.Conn // the relay counts its own bytes
 	}
+	r := &relay{
+		s: s, client: client, params: params,
+		tx:     up.txStatus,
+		shown:  make(map[string]string, len(up.params)),
+		termCh: make(chan struct{}),
+		done:   make(chan struct{}),
+	}
+	for _, p := range up.params {
+		r.shown[p.Name] = p.Value
+	}
+	// What the handshake read ahead on either side goes first.
+	r.in = newStream(client, buffered(s.rd))
+	s.rd = nil
+	r.up = r.newBackend(up, handle, s.dbUser)
+	return r
+}
 
-	// Bytes read ahead during the handshake go first (the auditing copy
-	// reads them from s.rd itself).
-	if !s.h.auditQueries {
-		if err := drain(up.conn, s.rd); err != nil {
-			return fmt.Errorf("relay to upstream: %w", err)
-		}
+// buffered returns what rd has read and not handed out.
+func buffered(rd interface {
+	Buffered() int
+	Peek(int) ([]byte, error)
+}) []byte {
+	if rd == nil {
+		return nil
 	}
-	// The message tracker must see the read-ahead too, or a later FATAL
-	// could land inside a message that began in it.
-	var tr msgTracker
-	if b, _ := up.rd.Peek(up.rd.Buffered()); len(b) > 0 {
-		tr.advance(b)
-	}
-	if err := drain(client, up.rd); err != nil {
-		return fmt.Errorf("relay to client: %w", err)
-	}
+	b, _ := rd.Peek(rd.Buffered())
+	return append([]byte(nil), b...)
+}
 
-	// Shutdown (ctx) ends the session with a FATAL at a message boundary;
-	// if the upstream cannot get to one in time, both sides are cut.
-	term := &terminator{up: up.conn}
-	s.term.Store(term)
+func (r *relay) newBackend(up *upstream, handle *credentials.Handle, user string) *backend {
+	b := &backend{upstream: up, handle: handle, user: user}
+	b.rd = newStream(up.conn, buffered(up.rd))
+	up.rd = nil
+	if up.key != nil {
+		b.scan.ownPID = up.key.ProcessID
+	}
+	b.scan.appPID = r.s.appPID
+	b.scan.onParam = r.paramSeen
+	return b
+}
+
+// paramSeen records a ParameterStatus on its way to the app.
+func (r *relay) paramSeen(name, value string) {
+	r.mu.Lock()
+	r.shown[name] = value
+	r.mu.Unlock()
+}
+
+// run relays until either side ends. ctx ending (shutdown) ends the session
+// with FATAL 57P01 at a message boundary; so does the credential's end.
+func (r *relay) run(ctx context.Context) error {
+	s := r.s
 	stopKill := context.AfterFunc(ctx, func() {
-		term.terminate(fatal(codeAdminShutdown, "credproxy: terminating connection because credproxy is shutting down"))
-		time.AfterFunc(2*boundaryWait, func() {
-			s.raw.Close()
-			up.conn.Close()
-		})
+		r.terminate(fatal(codeAdminShutdown, "credproxy: terminating connection because credproxy is shutting down"))
+		// If the upstream cannot get to a boundary in time, cut both.
+		time.AfterFunc(2*boundaryWait, r.cut)
 	})
 	defer stopKill()
-	// A credential whose lease ends takes its sessions with it.
-	handle.OnEnd(func() {
-		term.terminate(fatal(codeAdminShutdown, "credproxy: credential lease expired"))
-	})
+	r.watch(r.up)
 
-	// Whichever direction ends first closes both connections, so the other
-	// copy returns too, and its error is the session's.
 	var once sync.Once
 	var firstErr error
 	finish := func(side string, err error) {
@@ -75,31 +160,32 @@ func (s *session) relay(ctx context.Context, up *upstream, handle *credentials.H
 			if err != nil {
 				firstErr = fmt.Errorf("relay from %s: %w", side, err)
 			}
-			s.raw.Close()
-			up.conn.Close()
+			r.cut()
 		})
 	}
-	// Upstream to app in a second goroutine, app to upstream in this one:
-	// an idle session costs two goroutines, not three.
-	toClient := make(chan int64, 1)
+	toClient := make(chan struct{})
 	go func() {
-		n, err := copyToClient(client, up.conn, term, tr)
-		finish("upstream", err)
-		toClient <- n
+		defer close(toClient)
+		finish("upstream", r.toClient())
 	}()
-	var in int64
-	var err error
-	if s.h.auditQueries {
-		_, err = s.copyAuditingQueries(up.conn, s.rd) // s.rd counts what it reads
-	} else {
-		in, err = io.Copy(up.conn, client)
+	finish("client", r.fromClient())
+	<-toClient
+	r.mu.Lock()
+	r.finished = true
+	r.mu.Unlock()
+	close(r.done)
+	r.wg.Wait() // a migration in progress gives up
+
+	r.mu.Lock()
+	up := r.up
+	r.mu.Unlock()
+	up.conn.Close()
+	up.handle.Release()
+	if r.client != s.raw { // a TLS client's bytes are counted below the TLS layer
+		s.client.in.Add(r.in.read)
+		s.client.out.Add(r.out)
 	}
-	finish("client", err)
-	out := <-toClient
-	if !tlsClient { // a TLS client's bytes are counted below the TLS layer
-		s.client.in.Add(in)
-		s.client.out.Add(out)
-	}
+
 	var te *errTerminated
 	if errors.As(firstErr, &te) {
 		return te
@@ -113,84 +199,269 @@ func (s *session) relay(ctx context.Context, up *upstream, handle *credentials.H
 	return firstErr
 }
 
-// drain writes what r has already buffered to w.
-func drain(w io.Writer, r *bufio.Reader) error {
-	n := r.Buffered()
-	if n == 0 {
-		return nil
-	}
-	b, _ := r.Peek(n)
-	_, err := w.Write(b)
-	_, _ = r.Discard(n)
-	return err
+// cut closes both sides now.
+func (r *relay) cut() {
+	r.client.Close()
+	r.mu.Lock()
+	up := r.up
+	r.mu.Unlock()
+	up.conn.Close()
 }
 
-// copyAuditingQueries relays app messages to the upstream, recording the
-// text of each Query and Parse. Other messages, COPY data included, are
-// streamed through a fixed buffer and never held whole.
-func (s *session) copyAuditingQueries(dst io.Writer, src *bufio.Reader) (int64, error) {
-	w := bufio.NewWriterSize(dst, 16<<10)
-	buf := make([]byte, 16<<10)
-	var n int64
-	var hdr [5]byte
+// watch registers for the credential's retirement (the session moves) and
+// its end (the session ends).
+func (r *relay) watch(b *backend) {
+	b.handle.OnEnd(func() {
+		r.mu.Lock()
+		retired := r.retired
+		r.mu.Unlock()
+		if retired {
+			// It was to move and did not get the chance: it stayed inside a
+			// transaction, or every attempt failed.
+			r.s.h.obs.Migrated(r.s.h.cfg.Name, MigrationAtDeadline, 0)
+		}
+		r.terminate(fatal(codeAdminShutdown, "credproxy: credential lease expired"))
+	})
+	b.handle.OnRetire(func(deadline time.Time) {
+		r.mu.Lock()
+		r.retired = true
+		r.mu.Unlock()
+		r.startMigration(deadline)
+	})
+}
+
+// terminate asks the session to end with resp, which is sent at the next
+// message boundary. Only the first request counts.
+func (r *relay) terminate(resp *pgproto3.ErrorResponse) {
+	if r.setTerm(resp) {
+		r.wake()
+	}
+}
+
+// setTerm records the FATAL to end the session with; false when one was
+// recorded already.
+func (r *relay) setTerm(resp *pgproto3.ErrorResponse) bool {
+	if !r.term.CompareAndSwap(nil, resp) {
+		return false
+	}
+	close(r.termCh)
+	return true
+}
+
+// wake makes the upstream copy's blocking read return, so it looks at a
+// termination or a migration's hold.
+func (r *relay) wake() {
+	r.mu.Lock()
+	up := r.up
+	r.mu.Unlock()
+	_ = up.conn.SetReadDeadline(time.Now())
+}
+
+// idle reports whether the backend waits for the app, outside a
+// transaction, with nothing of the app's in flight. r.mu is held.
+func (r *relay) idle() bool {
+	return r.pending == 0 && r.unsynced == 0 && !r.midIn && r.tx == 'I' && !r.closing
+}
+
+// fromClient copies the app's messages to the current backend.
+func (r *relay) fromClient() error {
+	var scan appScan
+	s := r.s
+	if s.h.auditQueries {
+		scan.collect = maxAuditSQL
+	} else {
+		scan.collect = maxSettingScan
+	}
+	scan.onStatement = r.statement
+	var rerr error
 	for {
-		// Flush only when no more input is waiting, so pipelines stay batched.
-		if src.Buffered() == 0 {
-			if err := w.Flush(); err != nil {
-				return n, err
+		// What the handshake read ahead goes first; then each read.
+		if data := r.in.data(); len(data) > 0 {
+			n, c, serr := scan.scan(data)
+			r.mu.Lock()
+			for r.hold != nil && r.hold.isParked {
+				// A migration owns the backend: what the app sent goes to the
+				// backend that comes out of it.
+				h := r.hold
+				r.mu.Unlock()
+				<-h.done
+				r.mu.Lock()
+			}
+			r.pending += c.syncs
+			if c.syncs > 0 {
+				r.unsynced = c.after
+			} else {
+				r.unsynced += c.after
+			}
+			r.midIn = !scan.atBoundary() || n < len(data)
+			r.closing = r.closing || c.terminate
+			up := r.up
+			r.mu.Unlock()
+			if n > 0 {
+				if _, werr := up.conn.Write(data[:n]); werr != nil {
+					return werr
+				}
+				r.in.consume(n)
+			}
+			if serr != nil {
+				return fmt.Errorf("app sent an %w", serr)
 			}
 		}
-		if _, err := io.ReadFull(src, hdr[:]); err != nil {
-			if errors.Is(err, io.EOF) {
-				err = w.Flush()
+		if rerr != nil {
+			if errors.Is(rerr, io.EOF) {
+				return nil
 			}
-			return n, err
+			return rerr
 		}
-		size := int64(binary.BigEndian.Uint32(hdr[1:])) - 4
-		if size < 0 {
-			return n, errors.New("invalid message length")
-		}
-		if _, err := w.Write(hdr[:]); err != nil {
-			return n, err
-		}
-		n += 5 + size
-		rest := size
-		if hdr[0] == 'Q' || hdr[0] == 'P' {
-			take := min(size, maxAuditSQL)
-			body := make([]byte, take)
-			if _, err := io.ReadFull(src, body); err != nil {
-				return n, err
-			}
-			if _, err := w.Write(body); err != nil {
-				return n, err
-			}
-			rest -= take
-			s.auditStatement(hdr[0], body, rest > 0)
-		}
-		for rest > 0 {
-			chunk := buf[:min(rest, int64(len(buf)))]
-			if _, err := io.ReadFull(src, chunk); err != nil {
-				return n, err
-			}
-			if _, err := w.Write(chunk); err != nil {
-				return n, err
-			}
-			rest -= int64(len(chunk))
-		}
+		rerr = r.in.readMore()
 	}
 }
 
-// auditStatement records one Query or Parse.
-func (s *session) auditStatement(typ byte, body []byte, truncated bool) {
+// statement audits a Query or Parse and notes custom settings it sets.
+func (r *relay) statement(typ byte, body []byte, truncated bool) {
+	if names := customSettings(typ, body); len(names) > 0 {
+		r.mu.Lock()
+		if r.custom == nil {
+			r.custom = make(map[string]bool)
+		}
+		for _, n := range names {
+			if len(r.custom) < maxCustomSettings {
+				r.custom[n] = true
+			} else {
+				r.custom[overflowSetting] = true
+			}
+		}
+		r.mu.Unlock()
+	}
+	if !r.s.h.auditQueries {
+		return
+	}
 	sql, ok := statementText(typ, body, truncated)
 	if !ok {
 		return // malformed: the upstream will refuse it
 	}
-	rec := s.record(audit.EventQuery)
+	rec := r.s.record(audit.EventQuery)
 	rec.SQL = sql
 	rec.SQLTruncated = truncated
-	s.h.audit.Record(rec)
+	r.s.h.audit.Record(rec)
 }
+
+// toClient copies the current backend's messages to the app, ends the
+// session with a FATAL at a boundary when asked, and parks for a
+// migration when the backend is idle.
+func (r *relay) toClient() error {
+	up := r.current()
+	need := 1        // bytes the scan needs buffered before it can go on
+	waiting := false // a termination waits for the backend to finish a message
+	for {
+		var rerr error
+		if r.term.Load() == nil || waiting {
+			rerr = up.rd.fill(need)
+		}
+		if errors.Is(rerr, os.ErrDeadlineExceeded) {
+			// Woken for a termination or a hold, or the boundary wait ran out.
+			rerr = nil
+			if resp := r.term.Load(); resp != nil && waiting {
+				return r.sendFatal(up, 0, up.scan.atBoundary(), resp)
+			}
+			if r.term.Load() == nil {
+				_ = up.conn.SetReadDeadline(time.Time{})
+			}
+		}
+		data := up.rd.data()
+		n, more, c, serr := up.scan.scan(data)
+		if resp := r.term.Load(); resp != nil && serr == nil {
+			// What has arrived goes first; then, at a boundary, the FATAL.
+			if up.scan.atBoundary() {
+				return r.sendFatal(up, n, true, resp)
+			}
+			if !waiting {
+				// Mid-message: let the backend finish it, briefly.
+				waiting = true
+				_ = up.conn.SetReadDeadline(time.Now().Add(boundaryWait))
+			}
+		}
+		if n > 0 {
+			if err := r.write(data[:n]); err != nil {
+				return err
+			}
+			up.rd.consume(n)
+		}
+		if serr != nil {
+			return fmt.Errorf("backend sent an %w", serr)
+		}
+		if rerr != nil {
+			if errors.Is(rerr, io.EOF) {
+				return nil
+			}
+			return rerr
+		}
+		need = max(more, 1)
+
+		r.mu.Lock()
+		if c.readys > 0 {
+			r.pending = max(r.pending-c.readys, 0)
+			r.tx = c.tx
+		}
+		var h *hold
+		if r.hold != nil && !r.hold.isParked && r.idle() && up.scan.atBoundary() && len(up.rd.data()) == 0 {
+			h = r.hold
+			h.isParked = true
+			close(h.parked)
+		}
+		r.mu.Unlock()
+		if h != nil {
+			// The migration owns the backend now; afterwards it may be
+			// another one.
+			<-h.done
+			up = r.current()
+			_ = up.conn.SetReadDeadline(time.Time{})
+			need = 1
+		}
+	}
+}
+
+// current is the backend the session talks to.
+func (r *relay) current() *backend {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.up
+}
+
+// write sends backend bytes to the app.
+func (r *relay) write(b []byte) error {
+	n, err := r.client.Write(b)
+	r.out += int64(n)
+	return err
+}
+
+// sendFatal forwards the first n buffered bytes (up to a boundary) and
+// then resp, and returns errTerminated. At a boundary resp is what
+// PostgreSQL sends when it terminates a backend; mid-message (the backend
+// did not get to a boundary in time) the app gets nothing more, since a
+// FATAL there would be read as part of the message.
+func (r *relay) sendFatal(up *backend, n int, atBoundary bool, resp *pgproto3.ErrorResponse) error {
+	if n > 0 {
+		if err := r.write(up.rd.data()[:n]); err != nil {
+			return err
+		}
+		up.rd.consume(n)
+	}
+	if !atBoundary {
+		return &errTerminated{resp: resp}
+	}
+	b, _ := resp.Encode(nil)
+	_ = r.client.SetWriteDeadline(time.Now().Add(boundaryWait))
+	if err := r.write(b); err != nil {
+		return err
+	}
+	return &errTerminated{resp: resp}
+}
+
+// errTerminated is returned once the session was ended with a FATAL.
+type errTerminated struct{ resp *pgproto3.ErrorResponse }
+
+func (e *errTerminated) Error() string { return e.resp.Message }
 
 // statementText extracts the SQL of a Query ('Q') or Parse ('P') body with
 // pgproto3; a truncated body (over maxAuditSQL) yields its leading text.

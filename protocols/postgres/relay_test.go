@@ -135,14 +135,22 @@ func TestCancelAcrossServices(t *testing.T) {
 	}
 }
 
+// Issued keys carry the backend's own process id (many backends of many
+// servers may share one) and a secret of credproxy's; every key is
+// distinct, and void once unregistered.
 func TestCancelRegistryIssue(t *testing.T) {
 	r := NewCancelRegistry()
 	seen := make(map[uint64]bool)
-	var unregs []func()
+	var entries []*cancelEntry
 	for i := range 1000 {
-		k, unreg := r.issue(cancelTarget{has: true, key: pgproto3.BackendKeyData{ProcessID: uint32(i)}})
+		pid := uint32(i % 10) // 0: the backend sent none
+		e := r.issue(cancelTarget{has: pid != 0, key: pgproto3.BackendKeyData{ProcessID: pid, SecretKey: 12345}})
+		k := e.key
 		if k.ProcessID == 0 || int32(k.ProcessID) < 0 {
 			t.Fatalf("issued pid %d is not a positive int32", k.ProcessID)
+		}
+		if pid != 0 && (k.ProcessID != pid || k.SecretKey == 12345) {
+			t.Fatalf("issued %d/%d for backend %d/12345; want its pid and another secret", k.ProcessID, k.SecretKey, pid)
 		}
 		ck := cancelKey(k.ProcessID, k.SecretKey)
 		if seen[ck] {
@@ -150,13 +158,18 @@ func TestCancelRegistryIssue(t *testing.T) {
 		}
 		seen[ck] = true
 		tgt, ok := r.lookup(k.ProcessID, k.SecretKey)
-		if !ok || tgt.key.ProcessID != uint32(i) {
+		if !ok || tgt.key.ProcessID != pid {
 			t.Fatalf("lookup of issued key %d = %+v, %v", i, tgt, ok)
 		}
-		unregs = append(unregs, unreg)
+		entries = append(entries, e)
 	}
-	for _, u := range unregs {
-		u()
+	// A migration points a key at another backend.
+	entries[1].update(cancelTarget{has: true, key: pgproto3.BackendKeyData{ProcessID: 777, SecretKey: 1}})
+	if tgt, _ := r.lookup(entries[1].key.ProcessID, entries[1].key.SecretKey); tgt.key.ProcessID != 777 {
+		t.Errorf("after update the key targets %d, want 777", tgt.key.ProcessID)
+	}
+	for _, e := range entries {
+		e.unregister()
 	}
 	r.mu.Lock()
 	n := len(r.targets)
@@ -865,13 +878,73 @@ func TestLeasedCredentialRefusedIsReplaced(t *testing.T) {
 
 // A session on a lease that ends (not renewable) is closed with a FATAL
 // before the database would drop the role.
-func TestLeaseEndTerminatesSession(t *testing.T) {
-	up := startUpstream(t, trustScript(true))
+// A session whose credential's lease ends moves, at an idle point, to a
+// new backend logged in with a fresh credential; the app notices nothing.
+func TestLeaseEndMigratesIdleSession(t *testing.T) {
+	var mu sync.Mutex
+	var seen []string // user: message, per upstream connection
+	up := startUpstream(t, func(u *upConn) {
+		if u.ready(true) {
+			u.serve(func(m pgproto3.FrontendMessage) {
+				mu.Lock()
+				seen = append(seen, fmt.Sprintf("%s:%T", u.params["user"], m))
+				mu.Unlock()
+			})
+		}
+	})
+	src := &leasedSource{ttl: 3 * time.Second}
+	store := newStore(t, map[string]credentials.Source{"c": src}, credentials.Options{})
+	p := startProxy(t, testService(up.addr), withCredentials(store))
+	c := dialProxy(t, p.addr)
+	h := c.connect(map[string]string{"user": "appuser"})
+	// The lease cannot be renewed: at two thirds of its TTL it is retired
+	// and the session moves.
+	rec := p.audit.wait(t, audit.EventSessionMigrated, 10*time.Second)
+	if rec.DBUser != "v-app-2" || rec.FromLeaseSHA256 == "" || rec.ToLeaseSHA256 == "" || rec.FromLeaseSHA256 == rec.ToLeaseSHA256 {
+		t.Errorf("session_migrated = %+v", rec)
+	}
+	c.send(&pgproto3.Query{String: "SELECT 1"})
+	if got := c.readUntilReady(); got != "CZ" {
+		t.Errorf("after the migration a query got %q", got)
+	}
+	mu.Lock()
+	got := strings.Join(seen, " ")
+	mu.Unlock()
+	// The old backend got credproxy's queries (its state) and a Terminate;
+	// the app's query went to the new one.
+	if !strings.Contains(got, "v-app-1:*pgproto3.Terminate") || !strings.HasSuffix(got, "v-app-2:*pgproto3.Query") {
+		t.Errorf("upstream saw %s", got)
+	}
+	// The cancel key the app holds now cancels on the new backend.
+	if tgt, ok := p.cancels.lookup(h.key.ProcessID, h.key.SecretKey); !ok || !tgt.has {
+		t.Errorf("the app's cancel key no longer resolves after the migration")
+	}
+	terminate(t, p, c)
+}
+
+// A session that stays inside a transaction cannot move: at the lease's
+// end it gets a FATAL, as before migration existed.
+func TestLeaseEndTerminatesSessionInTransaction(t *testing.T) {
+	up := startUpstream(t, func(u *upConn) {
+		if !u.ready(true) {
+			return
+		}
+		for {
+			switch u.receive().(type) {
+			case nil, *pgproto3.Terminate:
+				return
+			case *pgproto3.Query:
+				u.send(&pgproto3.CommandComplete{CommandTag: []byte("BEGIN")}, &pgproto3.ReadyForQuery{TxStatus: 'T'})
+			}
+		}
+	})
 	src := &leasedSource{ttl: 2 * time.Second}
 	store := newStore(t, map[string]credentials.Source{"c": src}, credentials.Options{})
 	p := startProxy(t, testService(up.addr), withCredentials(store))
 	c := dialProxy(t, p.addr)
 	c.connect(map[string]string{"user": "appuser"})
+	c.send(&pgproto3.Query{String: "BEGIN"})
+	c.readUntilReady()
 	resp := c.readError() // blocks until the proxy ends the session
 	if resp == nil || resp.Severity != "FATAL" || !strings.Contains(resp.Message, "lease") {
 		t.Fatalf("client got %+v, want a FATAL about the lease", resp)
@@ -880,6 +953,9 @@ func TestLeaseEndTerminatesSession(t *testing.T) {
 	end := p.audit.find(audit.EventSessionEnd)
 	if len(end) != 1 || end[0].SQLState != resp.Code {
 		t.Errorf("session_end = %+v, want sqlstate %s", end, resp.Code)
+	}
+	if m := p.audit.find(audit.EventSessionMigrated); len(m) != 0 {
+		t.Errorf("a session inside a transaction was migrated: %+v", m)
 	}
 }
 

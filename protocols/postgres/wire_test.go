@@ -186,49 +186,6 @@ func auditingSession(sink audit.Sink) *session {
 	return &session{h: h, id: "test-session", client: &countingConn{Conn: addrConn{}}, log: zap.NewNop()}
 }
 
-func TestCopyAuditingQueries(t *testing.T) {
-	q := func(s string) []byte { b, _ := (&pgproto3.Query{String: s}).Encode(nil); return b }
-	cd := func(b []byte) []byte { m, _ := (&pgproto3.CopyData{Data: b}).Encode(nil); return m }
-	big := bytes.Repeat([]byte("Q\x00\x00\x00\x09x"), 10000) // looks like messages, is data
-	tests := []struct {
-		name        string
-		in          []byte
-		wantErr     bool
-		wantQueries int64
-	}{
-		{"queries", append(q("SELECT 1"), q("SELECT 2")...), false, 2},
-		{"copy data that looks like messages", append(append(q("COPY"), cd(big)...), q("SELECT 3")...), false, 2},
-		{"empty stream", nil, false, 0},
-		{"partial header", []byte{'Q', 0, 0}, true, 0},
-		{"length below 4", []byte{'d', 0, 0, 0, 3}, true, 0},
-		{"4 GB message, 10 bytes given", append([]byte{'d', 0xff, 0xff, 0xff, 0xff}, make([]byte, 10)...), true, 0},
-		{"4 GB Query, 10 bytes given", append([]byte{'Q', 0xff, 0xff, 0xff, 0xff}, make([]byte, 10)...), true, 0},
-	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			sink := &countingSink{}
-			s := auditingSession(sink)
-			var out bytes.Buffer
-			var err error
-			noPanic(t, "copyAuditingQueries", func() {
-				_, err = s.copyAuditingQueries(&out, bufio.NewReader(bytes.NewReader(tc.in)))
-			})
-			if (err != nil) != tc.wantErr {
-				t.Errorf("error = %v, want error %v", err, tc.wantErr)
-			}
-			if !bytes.HasPrefix(tc.in, out.Bytes()) {
-				t.Errorf("forwarded bytes are not a prefix of the input")
-			}
-			if !tc.wantErr && !bytes.Equal(out.Bytes(), tc.in) {
-				t.Errorf("forwarded %d bytes, want all %d", out.Len(), len(tc.in))
-			}
-			if got := sink.n.Load(); got != tc.wantQueries {
-				t.Errorf("%d query records, want %d", got, tc.wantQueries)
-			}
-		})
-	}
-}
-
 func TestCappedReader(t *testing.T) {
 	cr := &cappedReader{r: bufio.NewReader(strings.NewReader("abcdefgh")), max: 4}
 	b, err := cr.Next(4)

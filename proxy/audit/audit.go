@@ -18,7 +18,10 @@ const (
 	EventQuery        = "query"
 	EventRequest      = "request"
 	EventDenied       = "denied"
-	EventSessionEnd   = "session_end"
+	// EventSessionMigrated: a Postgres session moved to a fresh upstream
+	// connection and credential.
+	EventSessionMigrated = "session_migrated"
+	EventSessionEnd      = "session_end"
 )
 
 // Client is who connected.
@@ -31,6 +34,13 @@ type Client struct {
 type Lease struct {
 	IDSHA256 string `json:"id_sha256"`
 	TTLSecs  int64  `json:"ttl_s"`
+}
+
+// Carried is what a migration moved to the new upstream connection.
+type Carried struct {
+	Settings int `json:"settings"` // session settings (SET, set_config, SET ROLE)
+	Prepared int `json:"prepared"` // prepared statements
+	Listen   int `json:"listen"`   // LISTEN channels
 }
 
 // Record is one audit line. Fields that belong to other events are omitted;
@@ -64,6 +74,12 @@ type Record struct {
 
 	// denied
 	Reason string `json:"reason,omitempty"`
+
+	// session_migrated (and session_start: backend_pid)
+	FromLeaseSHA256 string   `json:"from_lease_sha256,omitempty"`
+	ToLeaseSHA256   string   `json:"to_lease_sha256,omitempty"`
+	Carried         *Carried `json:"carried,omitempty"`
+	BackendPID      int64    `json:"backend_pid,omitempty"`
 
 	// session_end (and request)
 	BytesIn    *int64  `json:"bytes_in,omitempty"`

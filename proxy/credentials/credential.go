@@ -52,6 +52,9 @@ type Lease struct {
 	Renewable bool
 	// Issued is when the source handed out (or last renewed) the lease.
 	Issued time.Time
+	// Owner is what the lease cannot outlive (the Vault token that created
+	// it); nil when nothing but its own TTL ends it.
+	Owner *Owner
 }
 
 // Leased reports whether the credential carries a lease that expires.

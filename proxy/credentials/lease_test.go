@@ -21,7 +21,11 @@ type leasingSource struct {
 	revoked map[string]bool
 	renews  int
 	down    bool
+	owner   *Owner // given to new leases
 }
+
+// errUnreachable is what the Vault source returns when Vault is down.
+var errUnreachable = &Error{Kind: KindUnreachable, Msg: "vault unreachable"}
 
 func newLeasingSource(ttl, maxTTL time.Duration) *leasingSource {
 	return &leasingSource{ttl: ttl, maxTTL: maxTTL, issued: map[string]time.Time{}, revoked: map[string]bool{}}
@@ -31,13 +35,13 @@ func (l *leasingSource) Fetch(ctx context.Context) (*Credential, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.down {
-		return nil, errors.New("vault unreachable")
+		return nil, errUnreachable
 	}
 	l.n++
 	id := fmt.Sprintf("database/creds/app/%d", l.n)
 	l.issued[id] = time.Now()
 	c := userPassword(fmt.Sprintf("v-app-%d", l.n), "pw")
-	c.Lease = Lease{ID: id, TTL: l.ttl, Renewable: true, Issued: time.Now()}
+	c.Lease = Lease{ID: id, TTL: l.ttl, Renewable: true, Issued: time.Now(), Owner: l.owner}
 	return c, nil
 }
 
@@ -45,7 +49,7 @@ func (l *leasingSource) Renew(ctx context.Context, lease Lease, inc time.Duratio
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.down {
-		return lease, errors.New("vault unreachable")
+		return lease, errUnreachable
 	}
 	if l.revoked[lease.ID] {
 		return lease, errors.New("lease not found")
@@ -71,6 +75,20 @@ func (l *leasingSource) stats() (fetches, renews, revoked int) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.n, l.renews, len(l.revoked)
+}
+
+func (l *leasingSource) setOwner(o *Owner) {
+	l.mu.Lock()
+	l.owner = o
+	l.mu.Unlock()
+}
+
+// revokeOutOfBand revokes a lease behind the Store's back, as an operator
+// running vault lease revoke does.
+func (l *leasingSource) revokeOutOfBand(id string) {
+	l.mu.Lock()
+	l.revoked[id] = true
+	l.mu.Unlock()
 }
 
 func (l *leasingSource) setDown(v bool) {
@@ -292,6 +310,196 @@ func TestWarmReportsFailures(t *testing.T) {
 		}
 		if r := s.Ready(); r["db"] == nil || r["ok"] != nil {
 			t.Errorf("Ready = %v, want db not ready and ok ready", r)
+		}
+	})
+}
+
+// retirement records what a session was told about its credential.
+type retirement struct {
+	retired  chan time.Time // the deadline, when told to move
+	ended    chan time.Time // when told to end
+	deadline time.Time
+}
+
+func watch(h *Handle) *retirement {
+	r := &retirement{retired: make(chan time.Time, 1), ended: make(chan time.Time, 1)}
+	h.OnRetire(func(d time.Time) { r.retired <- d })
+	h.OnEnd(func() { r.ended <- time.Now() })
+	return r
+}
+
+// told reports whether the session was told to move, and the deadline.
+func (r *retirement) told() (time.Time, bool) {
+	select {
+	case d := <-r.retired:
+		r.deadline = d
+		return d, true
+	default:
+		return r.deadline, !r.deadline.IsZero()
+	}
+}
+
+func (r *retirement) endedAt() (time.Time, bool) {
+	select {
+	case at := <-r.ended:
+		return at, true
+	default:
+		return time.Time{}, false
+	}
+}
+
+// At its max TTL a lease's sessions are told to move, with the time they
+// will be ended as the deadline, and are ended then.
+func TestMaxTTLRetiresSessionsBeforeEnding(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		src := newLeasingSource(300*time.Millisecond, 700*time.Millisecond)
+		s := leaseStore(t, src)
+		start := time.Now()
+		r := watch(acquire(t, s, "db"))
+		time.Sleep(599 * time.Millisecond)
+		synctest.Wait()
+		if _, ok := r.told(); ok {
+			t.Fatal("told to move before the lease reached its max TTL")
+		}
+		time.Sleep(time.Millisecond)
+		synctest.Wait()
+		d, ok := r.told()
+		if !ok {
+			t.Fatal("not told to move when the renewal at 600ms was capped")
+		}
+		if got := d.Sub(start); got != 675*time.Millisecond {
+			t.Errorf("deadline %v after start, want 675ms", got)
+		}
+		time.Sleep(75 * time.Millisecond)
+		synctest.Wait()
+		if at, ok := r.endedAt(); !ok || !at.Equal(d) {
+			t.Errorf("ended %v (%v), want at the deadline %v", at, ok, d)
+		}
+	})
+}
+
+// A lease revoked behind credproxy's back: the next renewal is refused, and
+// its sessions are told at once to move; new sessions get a fresh one.
+func TestRenewalRefusedRetires(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		src := newLeasingSource(300*time.Millisecond, time.Hour)
+		s := leaseStore(t, src)
+		h := acquire(t, s, "db")
+		r := watch(h)
+		src.revokeOutOfBand(h.Credential.Lease.ID)
+		time.Sleep(200 * time.Millisecond) // the renewal
+		synctest.Wait()
+		if _, ok := r.told(); !ok {
+			t.Fatal("sessions on a lease Vault refused to renew were not told to move")
+		}
+		if h2 := acquire(t, s, "db"); h2.Credential == h.Credential {
+			t.Error("a new session got the revoked lease")
+		}
+	})
+}
+
+// A credential the upstream refused: the other sessions on it move too.
+func TestInvalidateRetiresSessions(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		src := newLeasingSource(time.Hour, time.Hour)
+		s := leaseStore(t, src)
+		h1 := acquire(t, s, "db")
+		h2 := acquire(t, s, "db")
+		r := watch(h1)
+		h2.Invalidate()
+		if _, ok := r.told(); !ok {
+			t.Fatal("a session on an invalidated credential was not told to move")
+		}
+		// Registering after the fact is told at once.
+		late := watch(h2)
+		if _, ok := late.told(); !ok {
+			t.Error("OnRetire on a retired credential did not fire at once")
+		}
+	})
+}
+
+// A lease cannot outlive the Vault token that created it. While no newer
+// token exists its sessions stay (moving them would only get another lease
+// under the same token), and are ended a margin before the token's end;
+// once a newer token exists they are told to move a lease TTL before it.
+func TestOwnerEndRetiresAndEnds(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		src := newLeasingSource(time.Minute, time.Hour)
+		owner := NewOwner()
+		src.setOwner(owner)
+		s := leaseStore(t, src)
+		start := time.Now()
+		h := acquire(t, s, "db")
+		r := watch(h)
+
+		owner.Ends(start.Add(100 * time.Second))
+		time.Sleep(30 * time.Second)
+		synctest.Wait()
+		if _, ok := r.told(); ok {
+			t.Fatal("told to move although no newer token exists")
+		}
+		if h2 := acquire(t, s, "db"); h2.Credential != h.Credential {
+			t.Error("a new session got another lease although no newer token exists")
+		}
+
+		// A newer token: leases of the old one retire ownerLead (the lease
+		// TTL, 1m) before its end at 100s, at 40s. Still in use, the lease
+		// is renewed up to the token's end meanwhile.
+		src.setOwner(NewOwner())
+		owner.Supersede()
+		time.Sleep(10*time.Second - time.Nanosecond)
+		synctest.Wait()
+		if _, ok := r.told(); ok {
+			t.Fatal("told to move before ownerLead")
+		}
+		time.Sleep(time.Nanosecond)
+		synctest.Wait()
+		d, ok := r.told()
+		if !ok {
+			t.Fatal("not told to move once a newer token exists")
+		}
+		// The margin for a 1m lease is 3s: ended at 97s, before the token.
+		if got := d.Sub(start); got != 97*time.Second {
+			t.Errorf("deadline %v after start, want 97s", got)
+		}
+		h3 := acquire(t, s, "db")
+		if h3.Credential == h.Credential || h3.Credential.Lease.Owner == owner {
+			t.Error("a new session got a lease under the ending token")
+		}
+		// Still renewed while in use: at 80s the lease would last to 140s,
+		// but its token ends at 100s, and for those last 20s the margin is
+		// 1s: the session is ended at 99s.
+		time.Sleep(59 * time.Second)
+		synctest.Wait()
+		if at, ok := r.endedAt(); !ok || at.Sub(start) != 99*time.Second {
+			t.Errorf("ended at %v (%v), want 99s after start", at.Sub(start), ok)
+		}
+		if _, ok := watch(h3).told(); ok {
+			t.Error("the lease under the new token was retired")
+		}
+	})
+}
+
+// A token revoked out of band took its leases with it: sessions are told
+// to move at once; their deadline stays the lease's own.
+func TestOwnerGoneRetiresAtOnce(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		src := newLeasingSource(time.Minute, time.Hour)
+		owner := NewOwner()
+		src.setOwner(owner)
+		s := leaseStore(t, src)
+		start := time.Now()
+		r := watch(acquire(t, s, "db"))
+		time.Sleep(time.Second)
+		src.setOwner(NewOwner())
+		owner.Gone()
+		synctest.Wait()
+		d, ok := r.told()
+		if !ok {
+			t.Fatal("not told to move when the token was revoked")
+		}
+		if got := d.Sub(start); got != 57*time.Second {
+			t.Errorf("deadline %v after start, want the lease's own 57s", got)
 		}
 	})
 }

@@ -185,9 +185,17 @@ type held struct {
 	cred  *Credential
 	lease Lease // as last renewed; guarded by entry.mu
 	users map[*Handle]struct{}
-	final bool          // cannot be renewed further: no new sessions
-	ended bool          // revoked, expired or retired
-	wake  chan struct{} // signalled when users come or go, or h is replaced
+	// final: retired for new sessions, and its sessions were told to move
+	// to a fresh credential (OnRetire): it cannot be renewed further, was
+	// refused or revoked, or its owner (Vault token) ends.
+	final bool
+	// capped: no renewal can extend it (max TTL reached, not renewable, or
+	// Vault refused to renew it). A final lease that is not capped is still
+	// renewed while sessions use it, so they have until its owner's end to
+	// move.
+	capped bool
+	ended  bool          // revoked, expired or retired
+	wake   chan struct{} // signalled when users come or go, or h is replaced
 }
 
 // signal wakes h's maintenance without blocking.
@@ -207,7 +215,9 @@ type Handle struct {
 	store   *Store
 	entry   *entry
 	held    *held
-	onEnd   func() // guarded by entry.mu
+	// guarded by entry.mu
+	onEnd    func()
+	onRetire func(deadline time.Time)
 }
 
 // Release ends this use. It is safe to call more than once.
@@ -216,7 +226,7 @@ func (h *Handle) Release() {
 		e := h.entry
 		e.mu.Lock()
 		delete(h.held.users, h)
-		h.onEnd = nil
+		h.onEnd, h.onRetire = nil, nil
 		if len(h.held.users) == 0 {
 			h.held.signal()
 		}
@@ -241,6 +251,25 @@ func (h *Handle) OnEnd(f func()) {
 	}
 }
 
+// OnRetire registers f, which must not block, to be called once when new
+// sessions no longer get this credential and sessions using it should move
+// to a fresh one before deadline, when OnEnd ends them: its lease reached
+// its max TTL, the upstream refused it, Vault no longer renews it, or the
+// Vault token that created it ends. A credential already retired calls f
+// at once. Release unregisters it.
+func (h *Handle) OnRetire(f func(deadline time.Time)) {
+	e := h.entry
+	e.mu.Lock()
+	final, deadline := h.held.final && !h.held.ended, endAt(h.held.lease)
+	if !final {
+		h.onRetire = f
+	}
+	e.mu.Unlock()
+	if final {
+		f(deadline)
+	}
+}
+
 // Lease is the credential's lease as last renewed.
 func (h *Handle) Lease() Lease {
 	h.entry.mu.Lock()
@@ -249,8 +278,13 @@ func (h *Handle) Lease() Lease {
 }
 
 // Invalidate reports that the upstream refused this credential (a lease
-// revoked out of band, a rotated password): new sessions will not get it.
+// revoked out of band, a rotated password): new sessions will not get it,
+// and the sessions using it are told to move (OnRetire).
 func (h *Handle) Invalidate() {
+	if h.held.lease.Leased() {
+		h.store.retire(h.entry, h.held, whyRefused, false)
+		return
+	}
 	e := h.entry
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -334,13 +368,17 @@ func (s *Store) fresh(h *held, now time.Time) bool {
 	if !l.Leased() {
 		return true
 	}
-	if now.Before(l.Issued.Add(l.TTL * 2 / 3)) {
+	if at, ok := ownerRetireAt(l); ok && !now.Before(at) {
+		return false
+	}
+	life := lifetime(l)
+	if now.Before(l.Issued.Add(life * 2 / 3)) {
 		return true
 	}
 	// A renewable lease in use is due for renewal at two thirds of its
 	// TTL; let new sessions share it while that renewal runs rather than
 	// rotate a credential that is about to be extended.
-	return len(h.users) > 0 && l.Renewable && now.Before(l.Issued.Add(l.TTL*5/6))
+	return len(h.users) > 0 && l.Renewable && life == l.TTL && now.Before(l.Issued.Add(life*5/6))
 }
 
 // valid reports whether h still works at all (for serving while the
@@ -353,7 +391,46 @@ func (s *Store) valid(h *held, now time.Time) bool {
 	if !l.Leased() {
 		return true
 	}
-	return now.Before(l.Expiry().Add(-expiryMargin(l.TTL)))
+	return now.Before(endAt(l))
+}
+
+// hardEnd is when a lease stops working: its expiry, or its owner's end
+// if that comes first.
+func hardEnd(l Lease) time.Time {
+	end := l.Expiry()
+	if o := l.Owner.State(); !o.End.IsZero() && o.End.Before(end) {
+		end = o.End
+	}
+	return end
+}
+
+// lifetime is how long a lease lasts from when it was issued or last
+// renewed: its TTL, or less when its owner ends first.
+func lifetime(l Lease) time.Duration {
+	return max(min(l.TTL, hardEnd(l).Sub(l.Issued)), 0)
+}
+
+// endAt is when sessions on a lease are ended: a margin before its hard
+// end, so they close cleanly before the database drops the role.
+func endAt(l Lease) time.Time { return hardEnd(l).Add(-expiryMargin(lifetime(l))) }
+
+// ownerLead is how long before its owner's end a lease is retired, so its
+// sessions have time to move: a lease TTL, within [10s, 1h].
+func ownerLead(ttl time.Duration) time.Duration { return min(max(ttl, 10*time.Second), time.Hour) }
+
+// ownerRetireAt is when a lease must be retired because of its owner: at
+// once when the owner was revoked; ownerLead before the owner's end once
+// a newer owner has replaced it (before that, retiring would only fetch
+// another lease under the same owner). ok is false when neither applies.
+func ownerRetireAt(l Lease) (time.Time, bool) {
+	o := l.Owner.State()
+	switch {
+	case o.Gone:
+		return time.Time{}, true
+	case o.Superseded && !o.End.IsZero():
+		return o.End.Add(-ownerLead(l.TTL)), true
+	}
+	return time.Time{}, false
 }
 
 // expiryMargin is how long before expiry sessions are ended: long enough to
@@ -460,7 +537,7 @@ func (s *Store) retryLater(e *entry, t time.Time) {
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		if !s.sleepUntil(t, nil) || s.entryMap()[e.name] != e {
+		if !s.sleepUntil(t, nil, nil) || s.entryMap()[e.name] != e {
 			return
 		}
 		e.mu.Lock()
@@ -479,8 +556,10 @@ func (s *Store) observeLeases(e *entry) {
 
 // maintain runs a leased credential's life: renew it while sessions use
 // it; once it is stale (unused past two thirds of its TTL) keep it only as a
-// fallback until a replacement is fetched; revoke it once replaced and
-// unused; and end its sessions just before it expires for good.
+// fallback until a replacement is fetched; retire it (its sessions move to
+// a fresh credential) when it cannot be renewed further, Vault refuses to
+// renew it, or its owner ends; revoke it once replaced and unused; and end
+// its sessions just before it stops working for good.
 func (s *Store) maintain(e *entry, h *held) {
 	log := s.log.With(zap.String("credential", e.name), zap.String("lease_sha256", h.lease.IDHash()))
 	increment := h.lease.TTL
@@ -492,28 +571,31 @@ func (s *Store) maintain(e *entry, h *held) {
 	triedLate := false
 	for {
 		e.mu.Lock()
-		l, final, users := h.lease, h.final, len(h.users)
+		l, final, capped, users := h.lease, h.final, h.capped, len(h.users)
 		isCurrent := e.current == h
 		e.mu.Unlock()
 		now := time.Now()
 		renewAt := l.Issued.Add(l.TTL * 2 / 3)
-		endAt := l.Expiry().Add(-expiryMargin(l.TTL))
-		pastEnd := !now.Before(endAt)
+		end := endAt(l)
+		pastEnd := !now.Before(end)
+		// Past its owner's end no renewal helps: Vault revokes the lease.
+		ownerBound := hardEnd(l).Before(l.Expiry())
+		retireAt, byOwner := ownerRetireAt(l)
 
 		switch {
 		case users == 0 && !isCurrent:
 			s.end(e, h, "unused", s.opts.RevokeUnused)
 			return
-		case pastEnd && (users == 0 || final || triedLate || !now.Before(l.Expiry())):
+		case pastEnd && (users == 0 || capped || triedLate || ownerBound || !now.Before(l.Expiry())):
 			if users > 0 {
 				log.Warn("credential lease ends; closing its sessions", zap.Int("sessions", users))
 			}
 			s.end(e, h, "expired", s.opts.RevokeUnused)
 			return
-		case users > 0 && !final && !now.Before(renewAt):
+		case users > 0 && !capped && !now.Before(renewAt):
 			triedLate = pastEnd
 			if !l.Renewable || e.leaser == nil {
-				s.markFinal(e, h)
+				s.retire(e, h, "not renewable", true)
 				continue
 			}
 			// A renewal answered after the lease expired is of no use.
@@ -523,37 +605,56 @@ func (s *Store) maintain(e *entry, h *held) {
 			if o := s.opts.Observer; o != nil {
 				o.Renewed(e.name, err)
 			}
+			if err != nil && !KindOf(err).Retryable() {
+				// Vault answered, and not with a renewal: the lease is gone
+				// (revoked out of band) or no longer ours to renew.
+				log.Warn("lease renewal refused; moving its sessions to a fresh credential", zap.Error(err))
+				s.retire(e, h, "renewal refused", true)
+				continue
+			}
 			if err != nil {
 				log.Warn("lease renewal failed; will retry", zap.Error(err), zap.Duration("retry_in", retry))
 				wakeAt := now.Add(retry)
-				if wakeAt.After(endAt) {
-					wakeAt = endAt
+				if wakeAt.After(end) {
+					wakeAt = end
 				}
 				retry = min(2*retry, 10*time.Second)
-				if !s.sleepUntil(wakeAt, nil) {
+				if !s.sleepUntil(wakeAt, nil, nil) {
 					s.end(e, h, "shutdown", false)
 					return
 				}
 				continue
 			}
 			retry, triedLate = 500*time.Millisecond, false
+			nl.Owner = l.Owner // a renewal does not change who created the lease
 			e.mu.Lock()
 			h.lease = nl
 			e.mu.Unlock()
 			log.Debug("lease renewed", zap.Duration("ttl", nl.TTL))
 			if nl.TTL < increment || !nl.Renewable {
 				// Vault capped the renewal at the lease's max TTL: this is the
-				// last extension. New sessions get a fresh credential now.
-				log.Info("lease reached its max TTL; rotating for new sessions", zap.Duration("ttl_left", nl.TTL))
-				s.markFinal(e, h)
+				// last extension. New sessions get a fresh credential now,
+				// and the sessions on this one move to it.
+				log.Info("lease reached its max TTL; rotating", zap.Duration("ttl_left", nl.TTL))
+				s.retire(e, h, "max TTL", true)
 			}
 			continue
+		case !final && byOwner && !now.Before(retireAt):
+			why := "its Vault token ends"
+			if l.Owner.State().Gone {
+				why = "its Vault token was revoked"
+			}
+			s.retire(e, h, why, false)
+			continue
 		}
-		next := endAt
-		if users > 0 && !final {
+		next := end
+		if users > 0 && !capped && renewAt.Before(next) {
 			next = renewAt
 		}
-		if !s.sleepUntil(next, h.wake) {
+		if !final && byOwner && retireAt.Before(next) {
+			next = retireAt
+		}
+		if !s.sleepUntil(next, h.wake, l.Owner.Changed()) {
 			s.end(e, h, "shutdown", false) // Close revokes, if configured
 			return
 		}
@@ -567,15 +668,46 @@ func minTime(a, b time.Time) time.Time {
 	return a
 }
 
-func (s *Store) markFinal(e *entry, h *held) {
+// whyRefused is the retirement reason of a credential the upstream refused.
+const whyRefused = "refused upstream"
+
+// retire takes h away from new sessions and tells its sessions to move to
+// a fresh credential before its end (OnRetire); capped says no renewal can
+// extend it any more. It stays current, as a
+// fallback while the source is down, unless the upstream refused it.
+func (s *Store) retire(e *entry, h *held, why string, capped bool) {
 	e.mu.Lock()
+	h.capped = h.capped || capped
+	if h.final || h.ended {
+		e.mu.Unlock()
+		return
+	}
 	h.final = true
+	if e.current == h && why == whyRefused {
+		e.current = nil
+	}
+	deadline := endAt(h.lease)
+	var notify []func(time.Time)
+	for hd := range h.users {
+		if f := hd.onRetire; f != nil {
+			hd.onRetire = nil
+			notify = append(notify, f)
+		}
+	}
 	e.mu.Unlock()
+	h.signal()
+	s.log.Info("credential retired; its sessions move to a fresh one", zap.String("credential", e.name),
+		zap.String("lease_sha256", h.lease.IDHash()), zap.String("reason", why),
+		zap.Int("sessions", len(notify)), zap.Time("deadline", deadline))
+	for _, f := range notify {
+		f(deadline)
+	}
 }
 
-// sleepUntil waits until t, a signal on wake, or Close; false on Close.
-func (s *Store) sleepUntil(t time.Time, wake <-chan struct{}) bool {
-	d := t.Sub(time.Now())
+// sleepUntil waits until t, a signal on wake or changed, or Close; false
+// on Close.
+func (s *Store) sleepUntil(t time.Time, wake, changed <-chan struct{}) bool {
+	d := time.Until(t)
 	if d < 0 {
 		d = 0
 	}
@@ -585,6 +717,8 @@ func (s *Store) sleepUntil(t time.Time, wake <-chan struct{}) bool {
 	case <-timer.C:
 		return true
 	case <-wake:
+		return true
+	case <-changed:
 		return true
 	case <-s.ctx.Done():
 		return false

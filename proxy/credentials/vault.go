@@ -54,7 +54,7 @@ func (v *Vault) Fetch(ctx context.Context) (*Credential, error) {
 		return nil, err
 	}
 	var secret *vault.Secret
-	err = v.c.do(ctx, func(ctx context.Context, c *vault.Client) error {
+	owner, err := v.c.doOwned(ctx, func(ctx context.Context, c *vault.Client) error {
 		var err error
 		secret, err = c.Logical().ReadWithContext(ctx, path)
 		return err
@@ -84,6 +84,7 @@ func (v *Vault) Fetch(ctx context.Context) (*Credential, error) {
 			TTL:       time.Duration(secret.LeaseDuration) * time.Second,
 			Renewable: secret.Renewable,
 			Issued:    time.Now(),
+			Owner:     owner,
 		}
 	}
 	return cred, nil

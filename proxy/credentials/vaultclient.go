@@ -29,6 +29,11 @@ type VaultClient struct {
 	loggedIn bool
 	lastErr  error
 	epoch    int // counts logins, so concurrent 403s cause one re-login
+	// owner stands for the current token: leases read with it die with it.
+	// token is the token itself, to tell a new token from the same one
+	// read again (method token); it is never logged.
+	owner *Owner
+	token string
 	// loginPending: a re-login was requested and has not finished yet.
 	loginPending bool
 
@@ -165,6 +170,17 @@ func (v *VaultClient) doLogin(ctx context.Context) (*vault.Secret, error) {
 	v.api.SetToken(secret.Auth.ClientToken)
 	v.loggedIn, v.lastErr = true, nil
 	v.epoch++
+	if secret.Auth.ClientToken != v.token || v.owner == nil {
+		// A new token: leases read from now on are its own, and those of the
+		// old one can move to them before it ends.
+		old := v.owner
+		v.owner, v.token = NewOwner(), secret.Auth.ClientToken
+		old.Supersede()
+	}
+	if !secret.Auth.Renewable && secret.Auth.LeaseDuration > 0 {
+		// Its end is known now: it will not be renewed.
+		v.owner.Ends(time.Now().Add(time.Duration(secret.Auth.LeaseDuration) * time.Second))
+	}
 	v.log.Info("logged in to vault", zap.String("method", v.login.Method()),
 		zap.Int("token_ttl_s", secret.Auth.LeaseDuration), zap.Bool("renewable", secret.Auth.Renewable))
 	return secret, nil
@@ -193,6 +209,10 @@ func (v *VaultClient) keepAlive(secret *vault.Secret) {
 		w.Start()
 	}()
 	defer w.Stop()
+	// The largest TTL seen: a renewal granting less was capped at the
+	// token's max TTL. (A token given to credproxy may start with less than
+	// its renewals grant.)
+	largest := secret.Auth.LeaseDuration
 	for {
 		select {
 		case <-v.ctx.Done():
@@ -200,9 +220,26 @@ func (v *VaultClient) keepAlive(secret *vault.Secret) {
 		case <-v.kick:
 			return
 		case r := <-w.RenewCh():
-			if r.Secret != nil && r.Secret.Auth != nil {
-				v.log.Debug("vault token renewed", zap.Int("token_ttl_s", r.Secret.Auth.LeaseDuration))
+			if r.Secret == nil || r.Secret.Auth == nil {
+				continue
 			}
+			ttl := r.Secret.Auth.LeaseDuration
+			v.log.Debug("vault token renewed", zap.Int("token_ttl_s", ttl))
+			if ttl < largest || !r.Secret.Auth.Renewable {
+				// Capped at the token's max TTL: it ends then, and every
+				// lease it created with it. Log in again now, so that fresh
+				// credentials come from a token that lives on and sessions
+				// can move to them before this one ends.
+				end := r.RenewedAt.Add(time.Duration(ttl) * time.Second)
+				v.log.Info("vault token reaches its max TTL; logging in again early",
+					zap.Int("token_ttl_s", ttl), zap.Time("token_end", end))
+				v.mu.Lock()
+				owner := v.owner
+				v.mu.Unlock()
+				owner.Ends(end)
+				return
+			}
+			largest = ttl
 		case err := <-w.DoneCh():
 			if err != nil {
 				v.log.Warn("vault token renewal failed; logging in again", zap.Error(err))
@@ -218,26 +255,45 @@ func (v *VaultClient) keepAlive(secret *vault.Secret) {
 // revoked), it logs in again once and retries, as a demanding operator
 // expects after a Vault restore or token revocation.
 func (v *VaultClient) do(ctx context.Context, fn func(ctx context.Context, c *vault.Client) error) error {
+	_, err := v.doOwned(ctx, fn)
+	return err
+}
+
+// doOwned is do, returning the owner of the token the successful call
+// used: what a lease it read cannot outlive.
+func (v *VaultClient) doOwned(ctx context.Context, fn func(ctx context.Context, c *vault.Client) error) (*Owner, error) {
 	v.mu.Lock()
-	epoch, loggedIn := v.epoch, v.loggedIn
+	epoch, loggedIn, owner := v.epoch, v.loggedIn, v.owner
 	v.mu.Unlock()
 	if !loggedIn {
 		if err := v.reLogin(ctx, epoch); err != nil {
-			return err
+			return nil, err
 		}
 		v.mu.Lock()
-		epoch = v.epoch
+		epoch, owner = v.epoch, v.owner
 		v.mu.Unlock()
 	}
 	err := v.call(ctx, fn)
 	if !isPermissionDenied(err) {
-		return err
+		return owner, err
 	}
 	if lerr := v.reLogin(ctx, epoch); lerr != nil {
 		ve := vaultError(err)
-		return &Error{Kind: ve.Kind, Msg: fmt.Sprintf("%s (and logging in again failed: %v)", ve.Msg, lerr), Err: ve}
+		return nil, &Error{Kind: ve.Kind, Msg: fmt.Sprintf("%s (and logging in again failed: %v)", ve.Msg, lerr), Err: ve}
 	}
-	return v.call(ctx, fn)
+	v.mu.Lock()
+	newOwner := v.owner
+	v.mu.Unlock()
+	if err = v.call(ctx, fn); err != nil {
+		return nil, err
+	}
+	if newOwner != owner {
+		// The old token was refused and a new one works: it was revoked
+		// or expired, and Vault revoked its leases with it.
+		v.log.Warn("vault token was revoked or expired; its leases are gone")
+		owner.Gone()
+	}
+	return newOwner, nil
 }
 
 func (v *VaultClient) call(ctx context.Context, fn func(ctx context.Context, c *vault.Client) error) error {
