@@ -5,6 +5,12 @@ SHELL       := bash
 .DEFAULT_GOAL := build
 
 GO          ?= go
+# The Go toolchain everything builds and tests with: 1.26.10 fixes
+# net/http and crypto/x509 vulnerabilities of the 1.26.8 a machine may start
+# with. The go command fetches it from the module proxy once. GO_TOOLCHAIN=local
+# uses whatever go is on PATH.
+GO_TOOLCHAIN ?= go1.26.10
+export GOTOOLCHAIN := $(GO_TOOLCHAIN)
 VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS     := -X main.version=$(VERSION)
 FUZZTIME    ?= 10s
@@ -14,7 +20,7 @@ STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # Go files to format-check: everything but VCS data, scratch and test data.
 GOFILES = $(shell find . -name '*.go' -not -path './.git/*' -not -path './.tmp/*' -not -path '*/testdata/*' -not -path './vendor/*')
 
-.PHONY: build test test-short fuzz integration lint lint-fmt lint-vet lint-staticcheck lint-tidy bench demo clean help
+.PHONY: build test test-short fuzz integration lint lint-fmt lint-vet lint-staticcheck lint-tidy vulncheck bench demo clean help
 
 build: ## bin/credproxy, versioned by git describe
 	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/credproxy ./cmd/credproxy
@@ -54,6 +60,9 @@ lint-staticcheck:
 # without writing, so it works on a work tree with uncommitted edits.
 lint-tidy:
 	$(GO) mod tidy -diff
+
+vulncheck: ## govulncheck against a pinned snapshot of the Go vulnerability database (VULNDB_VERSION)
+	GO=$(GO) bash scripts/vulncheck.sh
 
 bench: ## Postgres: direct vs credproxy vs PgBouncer, Vault row; HTTP: direct vs proxied (BENCH_SECONDS)
 	bash scripts/bench.sh

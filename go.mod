@@ -2,6 +2,8 @@ module github.com/credproxy/credproxy
 
 go 1.26.8
 
+toolchain go1.26.10
+
 require (
 	github.com/aws/aws-sdk-go-v2 v1.47.7
 	github.com/caddyserver/certmagic v0.25.6

@@ -58,7 +58,6 @@ type pipeWorld struct {
 	open     map[string]int // by route: "api" or "wild"
 	maxOpen  map[string]int
 	wg       sync.WaitGroup
-	sessions int
 }
 
 // newPipeWorld builds the proxy with cfg's limits; routes send api.test

@@ -509,7 +509,7 @@ type query struct {
 // change — goes to the app (the relay is parked: the app's connection is
 // free). The first ErrorResponse fails the trip.
 func (r *relay) roundTrip(b *backend, queries []query, row func(i int, cols []string)) error {
-	fe := pgproto3.NewFrontend(cappedNext{s: b.rd, max: maxMigrationMessage}, b.conn)
+	fe := newBackendConn(cappedNext{s: b.rd, max: maxMigrationMessage}, b.conn)
 	var buf []byte
 	for _, q := range queries {
 		if q.prepare != "" {

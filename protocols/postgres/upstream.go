@@ -184,7 +184,7 @@ type upstream struct {
 // request with the injected credential and reads up to ReadyForQuery.
 func (h *Handler) login(conn net.Conn, user string, password credentials.Secret, params map[string]string) (*upstream, error) {
 	rd := bufio.NewReaderSize(conn, 4096)
-	fe := pgproto3.NewFrontend(&cappedReader{r: rd, max: maxHandshakeMessage}, conn)
+	fe := newBackendConn(&cappedReader{r: rd, max: maxHandshakeMessage}, conn)
 	if err := fe.Send(&pgproto3.StartupMessage{ProtocolVersion: protocol30, Parameters: params}); err != nil {
 		return nil, h.protoError("send startup", err)
 	}
@@ -261,7 +261,7 @@ func md5Password(user, password string, salt [4]byte) string {
 
 // scramSHA256 runs the SASL exchange. The server's final signature is
 // verified, so an upstream that does not know the password cannot pass.
-func (h *Handler) scramSHA256(fe *pgproto3.Frontend, mechs []string, user string, password credentials.Secret) error {
+func (h *Handler) scramSHA256(fe *backendConn, mechs []string, user string, password credentials.Secret) error {
 	if !contains(mechs, "SCRAM-SHA-256") {
 		return &upstreamError{code: codeInvalidAuthorization, reason: "upstream auth failed",
 			msg: fmt.Sprintf("upstream %s offered SASL mechanisms %v; credproxy supports SCRAM-SHA-256 only", h.cfg.Upstream, mechs)}

@@ -9,7 +9,8 @@ import (
 
 func TestCounter(t *testing.T) {
 	var c Counter
-	if !c.TryAcquire(2) || !c.TryAcquire(2) || c.TryAcquire(2) {
+	first, second, third := c.TryAcquire(2), c.TryAcquire(2), c.TryAcquire(2)
+	if !first || !second || third {
 		t.Fatal("a ceiling of 2 did not admit exactly 2")
 	}
 	// A reload raises the ceiling; the holders carry over.
