@@ -48,16 +48,16 @@ func (o *countingObserver) has(want string) int {
 // that a test can run in a synctest bubble: time is virtual, and timeouts
 // are tested by waiting them out in no real time.
 type pipeWorld struct {
-	p        *Proxy
-	obs      *countingObserver
-	audit    *memAudit
-	up       *http.Server
-	upLn     *connListener
-	store    *credentials.Store
-	mu       sync.Mutex
-	open     map[string]int // by route: "api" or "wild"
-	maxOpen  map[string]int
-	wg       sync.WaitGroup
+	p       *Proxy
+	obs     *countingObserver
+	audit   *memAudit
+	up      *http.Server
+	upLn    *connListener
+	store   *credentials.Store
+	mu      sync.Mutex
+	open    map[string]int // by route: "api" or "wild"
+	maxOpen map[string]int
+	wg      sync.WaitGroup
 }
 
 // newPipeWorld builds the proxy with cfg's limits; routes send api.test

@@ -11,7 +11,6 @@ import (
 	"testing"
 
 	"github.com/jackc/pgproto3/v2"
-
 )
 
 // noPanic runs f and turns a panic into a test failure, so that one crash
