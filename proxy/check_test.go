@@ -1,4 +1,4 @@
-package proxy
+package proxy_test
 
 import (
 	"bytes"
@@ -19,6 +19,7 @@ import (
 
 	"github.com/credproxy/credproxy/config"
 	"github.com/credproxy/credproxy/protocols/httpproxy"
+	"github.com/credproxy/credproxy/proxy"
 )
 
 // checkFixture is a config that Check accepts, with its files in dir:
@@ -142,7 +143,7 @@ func TestCheck(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			f := newCheckFixture(t)
 			tt.edit(f)
-			got := config.Lines(Check(f.cfg))
+			got := config.Lines(proxy.Check(f.cfg, testOptions()))
 			want := make([]string, len(tt.want))
 			for i, w := range tt.want {
 				want[i] = strings.ReplaceAll(w, "{dir}", f.dir)
@@ -169,7 +170,7 @@ func TestCheckAuditExisting(t *testing.T) {
 	if err := os.WriteFile(f.cfg.Audit.Path, []byte(content), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if err := Check(f.cfg); err != nil {
+	if err := proxy.Check(f.cfg, testOptions()); err != nil {
 		t.Fatalf("Check: %v", err)
 	}
 	if b, err := os.ReadFile(f.cfg.Audit.Path); err != nil || string(b) != content {
@@ -196,7 +197,7 @@ http:
 		t.Fatal(err)
 	}
 	core, logs := observer.New(zapcore.InfoLevel)
-	LogWarnings(zap.New(core), "/etc/credproxy.yaml", cfg)
+	proxy.LogWarnings(zap.New(core), "/etc/credproxy.yaml", cfg)
 	var got bytes.Buffer
 	for _, e := range logs.All() {
 		got.WriteString(e.Level.String() + " " + e.Message)

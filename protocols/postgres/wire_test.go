@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/credproxy/credproxy/config"
+	"github.com/credproxy/credproxy/proxy"
 	"github.com/credproxy/credproxy/proxy/audit"
 )
 
@@ -183,7 +184,7 @@ func (addrConn) RemoteAddr() net.Addr { return &net.TCPAddr{IP: net.IPv4(127, 0,
 
 func auditingSession(sink audit.Sink) *session {
 	h := &Handler{cfg: config.Postgres{Name: "fuzz"}, audit: sink, auditQueries: true, log: zap.NewNop()}
-	return &session{h: h, id: "test-session", client: &countingConn{Conn: addrConn{}}, log: zap.NewNop()}
+	return &session{h: h, id: "test-session", client: proxy.NewCountingConn(addrConn{}), log: zap.NewNop()}
 }
 
 func TestCappedReader(t *testing.T) {
