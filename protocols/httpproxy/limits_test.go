@@ -25,17 +25,16 @@ import (
 // that a test can run in a synctest bubble: time is virtual, and timeouts
 // are tested by waiting them out in no real time.
 type pipeWorld struct {
-	p        *Proxy
-	metrics  *proxy.Metrics
-	audit    *memAudit
-	up       *http.Server
-	upLn     *connListener
-	store    *credentials.Store
-	mu       sync.Mutex
-	open     map[string]int // by route: "api" or "wild"
-	maxOpen  map[string]int
-	wg       sync.WaitGroup
-	sessions int
+	p       *Proxy
+	metrics *proxy.Metrics
+	audit   *memAudit
+	up      *http.Server
+	upLn    *connListener
+	store   *credentials.Store
+	mu      sync.Mutex
+	open    map[string]int // by route: "api" or "wild"
+	maxOpen map[string]int
+	wg      sync.WaitGroup
 }
 
 // newPipeWorld builds the proxy with cfg's limits; routes send api.test

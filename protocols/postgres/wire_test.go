@@ -6,18 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"runtime/debug"
 	"strings"
-	"sync/atomic"
 	"testing"
 
 	"github.com/jackc/pgproto3/v2"
-	"go.uber.org/zap"
-
-	"github.com/credproxy/credproxy/config"
-	"github.com/credproxy/credproxy/proxy"
-	"github.com/credproxy/credproxy/proxy/audit"
 )
 
 // noPanic runs f and turns a panic into a test failure, so that one crash
@@ -169,22 +162,6 @@ func TestStatementText(t *testing.T) {
 			}
 		})
 	}
-}
-
-// countingSink counts audit records.
-type countingSink struct{ n atomic.Int64 }
-
-func (c *countingSink) Record(*audit.Record) { c.n.Add(1) }
-
-// addrConn is a net.Conn that only has a remote address, for sessions whose
-// client is never read or written (the relay is given readers directly).
-type addrConn struct{ net.Conn }
-
-func (addrConn) RemoteAddr() net.Addr { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 5555} }
-
-func auditingSession(sink audit.Sink) *session {
-	h := &Handler{cfg: config.Postgres{Name: "fuzz"}, audit: sink, auditQueries: true, log: zap.NewNop()}
-	return &session{h: h, id: "test-session", client: proxy.NewCountingConn(addrConn{}), log: zap.NewNop()}
 }
 
 func TestCappedReader(t *testing.T) {

@@ -480,7 +480,7 @@ func (s *Store) fetch(e *entry) {
 		err = errors.New("source returned no credential")
 	}
 	if o := s.opts.Observer; o != nil {
-		o.Fetched(e.name, time.Now().Sub(start), err)
+		o.Fetched(e.name, time.Since(start), err)
 	}
 
 	e.mu.Lock()
