@@ -213,3 +213,24 @@ warn config warning config=/etc/credproxy.yaml key=http.routes[0].upstream warni
 		t.Errorf("logged:\n%s\nwant:\n%s", got.String(), want)
 	}
 }
+
+// --watch watches the config, the files secrets and Vault name, and what
+// each service was built from, which the protocols say.
+func TestReferencedFiles(t *testing.T) {
+	f := newCheckFixture(t)
+	f.cfg.Postgres[0].TLS.CertFile, f.cfg.Postgres[0].TLS.KeyFile = f.path("other/ca.pem"), f.path("other/ca-key.pem")
+	f.cfg.HTTP.UpstreamCAFile = f.path("other/ca.pem")
+	noAudit := *f.cfg
+	noAudit.Audit.Path = ""
+	srv, err := proxy.New(&noAudit, zap.NewNop(), testOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	got := srv.ReferencedFiles(f.path("credproxy.yaml"))
+	want := []string{f.path("app.pw"), f.path("ca-key.pem"), f.path("ca.pem"), f.path("credproxy.yaml"),
+		f.path("other/ca-key.pem"), f.path("other/ca.pem"), f.path("vault-token")}
+	if strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Errorf("ReferencedFiles:\n\t%s\nwant:\n\t%s", strings.Join(got, "\n\t"), strings.Join(want, "\n\t"))
+	}
+}
