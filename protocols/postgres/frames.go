@@ -27,18 +27,6 @@ type framing struct {
 // atBoundary reports whether the stream is between two messages.
 func (f *framing) atBoundary() bool { return !f.inBody }
 
-// boundaryIn is where the current message ends within the next n bytes: 0
-// at a boundary, else the bytes left of the message, or -1 beyond n.
-func (f *framing) boundaryIn(n int) int {
-	if !f.inBody {
-		return 0
-	}
-	if left := f.size - f.off; left <= n {
-		return left
-	}
-	return -1
-}
-
 // header reads a message header at data[0:5]; ok is false when fewer than
 // five bytes are there.
 func header(data []byte) (typ byte, size int, ok bool, err error) {
