@@ -26,6 +26,8 @@ import (
 
 	"github.com/credproxy/credproxy/config"
 	"github.com/credproxy/credproxy/integration/pgtest"
+	"github.com/credproxy/credproxy/protocols/httpproxy"
+	"github.com/credproxy/credproxy/protocols/postgres"
 	"github.com/credproxy/credproxy/proxy"
 	"github.com/credproxy/credproxy/proxy/audit"
 )
@@ -107,7 +109,7 @@ func startProxy(t *testing.T, cfg *config.Config) *proxyHarness {
 	}
 	p := &proxyHarness{cfg: cfg, auditPath: cfg.Audit.Path,
 		logs: leaks.stream(kindLog, t.Name())}
-	srv, err := proxy.New(cfg, newLogger(p.logs))
+	srv, err := proxy.New(cfg, newLogger(p.logs), proxyOptions())
 	if err != nil {
 		t.Fatalf("proxy.New: %v", err)
 	}
@@ -129,6 +131,14 @@ func startProxy(t *testing.T, cfg *config.Config) *proxyHarness {
 		}
 	})
 	return p
+}
+
+// proxyOptions wires the protocols in as cmd/credproxy does.
+func proxyOptions() proxy.Options {
+	return proxy.Options{Protocols: []proxy.Protocol{
+		postgres.NewProtocol(),
+		httpproxy.NewProtocol(httpproxy.ProtocolOptions{}),
+	}}
 }
 
 func tail(b []byte, lines int) string {

@@ -31,7 +31,8 @@ import (
 	"time"
 
 	"github.com/credproxy/credproxy/config"
-	httpproxy "github.com/credproxy/credproxy/protocols/http"
+	"github.com/credproxy/credproxy/protocols/httpproxy"
+	"github.com/credproxy/credproxy/proxy"
 	"github.com/credproxy/credproxy/proxy/audit"
 	"github.com/credproxy/credproxy/proxy/credentials"
 )
@@ -299,25 +300,30 @@ func startHTTPProxy(t *testing.T, s httpSetup) *httpHarness {
 		Default:        s.def,
 		Routes:         s.routes,
 	}
-	p, err := httpproxy.New(httpproxy.Options{Config: cfg, Credentials: store, Audit: aw, Logger: newLogger(h.logs),
-		DialContext: h.dial})
-	if err != nil {
-		t.Fatalf("httpproxy.New: %v", err)
-	}
-	h.p = p
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	h.addr = ln.Addr().String()
+	log := newLogger(h.logs)
+	p, err := httpproxy.New(httpproxy.Options{Config: cfg, Credentials: store, Audit: aw, Logger: log,
+		DialContext: h.dial, OwnAddrs: func() []net.Addr { return []net.Addr{ln.Addr()} }})
+	if err != nil {
+		ln.Close()
+		t.Fatalf("httpproxy.New: %v", err)
+	}
+	h.p = p
+	serveCtx, stopServing := context.WithCancel(context.Background())
 	served := make(chan error, 1)
-	go func() { served <- p.Serve(context.Background(), ln) }()
+	go func() { served <- proxy.Serve(serveCtx, ln, p, log) }()
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
+		ln.Close() // stop accepting, as the engine does before Shutdown
 		if err := p.Shutdown(ctx); err != nil {
 			t.Errorf("proxy Shutdown: %v", err)
 		}
+		stopServing()
 		if err := <-served; err != nil {
 			t.Errorf("Serve: %v", err)
 		}

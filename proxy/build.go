@@ -8,8 +8,6 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/credproxy/credproxy/config"
-	httpproxy "github.com/credproxy/credproxy/protocols/http"
-	"github.com/credproxy/credproxy/protocols/postgres"
 	"github.com/credproxy/credproxy/proxy/audit"
 	"github.com/credproxy/credproxy/proxy/credentials"
 	"github.com/credproxy/credproxy/proxy/limit"
@@ -24,7 +22,7 @@ type built struct {
 	sources  map[string]credentials.Source
 	audit    audit.Sink
 	writer   *audit.Writer // a newly opened audit file, if any
-	svcs     []svc
+	svcs     []Service
 }
 
 // build makes the parts of cfg that can fail. Parts whose settings did not
@@ -65,58 +63,25 @@ func (s *Server) build(cfg *config.Config) (b *built, err error) {
 		b.audit = b.writer
 	}
 
-	share := limit.Share(limit.OpenFileLimit(), len(cfg.Postgres)+btoi(cfg.HTTP != nil))
-	for _, pc := range cfg.Postgres {
-		eff := pc // with the derived limits; spec keeps what the file said
-		defSessions, defHandshakes := limit.PostgresDefaults(share)
-		if eff.MaxSessions == 0 {
-			eff.MaxSessions = defSessions
-		}
-		if eff.MaxHandshakes == 0 {
-			eff.MaxHandshakes = defHandshakes
-		}
-		s.log.Debug("connection limits", zap.String("service", pc.Name),
-			zap.Int("max_sessions", eff.MaxSessions), zap.Int("max_handshakes", eff.MaxHandshakes))
-		h, err := postgres.NewHandler(postgres.Options{
-			Service:      eff,
-			Limits:       s.limitsFor(svcKey(pc.Name, pc.Listen)),
-			Credentials:  s.storeFor(),
-			Audit:        s.audit,
-			AuditQueries: cfg.Audit.Queries,
-			Cancels:      s.cancels,
-			Logger:       s.log.Named("postgres").With(zap.String("service", pc.Name)),
-			Observer:     postgresObserver{s.metrics},
-		})
-		if err != nil {
-			return b, err
-		}
-		spec := struct {
-			config.Postgres
-			AuditQueries bool
-		}{pc, cfg.Audit.Queries}
-		b.svcs = append(b.svcs, svc{name: pc.Name, listen: pc.Listen, socketMode: pc.SocketMode, spec: spec, handler: h})
+	listeners := 0
+	for _, p := range s.protocols {
+		listeners += p.Listeners(cfg)
 	}
-	if hc := cfg.HTTP; hc != nil {
-		eff := *hc
-		if eff.MaxConnections == 0 {
-			eff.MaxConnections = share
-		}
-		s.log.Debug("connection limits", zap.String("service", "http"), zap.Int("max_connections", eff.MaxConnections))
-		hp, err := httpproxy.New(httpproxy.Options{
-			Config:      eff,
-			Limits:      s.limitsFor(svcKey("http", hc.Listen)),
-			Credentials: s.storeFor(),
-			Audit:       s.audit,
-			Logger:      s.log.Named("http"),
-			Observer:    httpObserver{s.metrics},
-			DialContext: s.httpDial,
-			OwnAddrs:    s.ownAddrs,
-		})
+	env := Env{
+		Credentials: lazyStore{s},
+		Audit:       s.audit,
+		Logger:      s.log,
+		Metrics:     s.metrics,
+		Limits:      func(name, listen string) *limit.Listener { return s.limitsFor(svcKey(name, listen)) },
+		Share:       limit.Share(limit.OpenFileLimit(), listeners),
+		OwnAddrs:    s.ownAddrs,
+	}
+	for _, p := range s.protocols {
+		svcs, err := p.Build(cfg, env)
 		if err != nil {
 			return b, err
 		}
-		b.svcs = append(b.svcs, svc{name: "http", listen: hc.Listen, spec: *hc, handler: hp,
-			shutdown: hp.Shutdown, close: hp.Close})
+		b.svcs = append(b.svcs, svcs...)
 	}
 	return b, nil
 }
@@ -142,8 +107,8 @@ func (s *Server) commit(b *built) {
 	s.svcs = b.svcs
 	s.mu.Unlock()
 	for _, sv := range b.svcs {
-		if sv.close != nil {
-			s.closers = append(s.closers, sv.close)
+		if sv.Close != nil {
+			s.closers = append(s.closers, sv.Close)
 		}
 	}
 	if b.newVault {
@@ -158,10 +123,8 @@ func (s *Server) commit(b *built) {
 	s.audit.set(b.audit)
 }
 
-// storeFor hands handlers the store, which New creates after the first
+// lazyStore hands handlers the store, which New creates after the first
 // build: the handlers only use it once sessions arrive.
-func (s *Server) storeFor() postgres.Credentials { return lazyStore{s} }
-
 type lazyStore struct{ s *Server }
 
 func (l lazyStore) Acquire(ctx context.Context, name string) (*credentials.Handle, error) {
@@ -192,9 +155,10 @@ func BuildSources(secrets map[string]config.Secret, vault *credentials.VaultClie
 	return out, nil
 }
 
-// limitsFor returns the counters of the listener at key, kept across
-// reloads so a changed service's new handler counts the connections its
-// old one still holds. reloadMu is held.
+// limitsFor returns the counters of the listener at key (Env.Limits),
+// kept across reloads so a changed service's new handler counts the
+// connections its old one still holds. reloadMu is held: protocols call
+// it from Build.
 func (s *Server) limitsFor(key string) *limit.Listener {
 	if l, ok := s.limits[key]; ok {
 		return l
@@ -202,11 +166,4 @@ func (s *Server) limitsFor(key string) *limit.Listener {
 	l := &limit.Listener{}
 	s.limits[key] = l
 	return l
-}
-
-func btoi(b bool) int {
-	if b {
-		return 1
-	}
-	return 0
 }

@@ -1,10 +1,8 @@
 package proxy
 
 import (
-	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -12,26 +10,27 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/credproxy/credproxy/config"
-	httpproxy "github.com/credproxy/credproxy/protocols/http"
-	"github.com/credproxy/credproxy/protocols/postgres"
 	"github.com/credproxy/credproxy/proxy/credentials"
 )
 
-// Check builds everything New builds from cfg, to find what would make
-// run fail, and releases it again. It binds nothing, contacts nothing (no
-// Vault login, no database, no upstream) and writes nothing: the audit
-// log is not opened, only checked to be one credproxy could open.
+// Check builds everything New builds from cfg with o's protocols, to find
+// what would make run fail, and releases it again. It binds nothing,
+// contacts nothing (no Vault login, no database, no upstream) and writes
+// nothing: the audit log is not opened, only checked to be one credproxy
+// could open.
 //
 // It reports every problem it finds, each starting with its key path:
 // the Vault client (vault.ca_file), each secret's source (static *_file
-// fields are read), each postgres service's handler (its upstream CA,
-// client certificate and client_tls key pair) and the HTTP proxy's
-// routes, CA and upstream roots. When those all pass it runs New itself,
-// the code run uses, with the audit log left out, and closes the result:
-// whatever New checks that the steps before miss still fails Check.
+// fields are read), the audit log, then each protocol's (Protocol.Check:
+// a postgres service's upstream CA, client certificate and client_tls key
+// pair; the HTTP proxy's routes, CA and upstream roots). When those all
+// pass it runs New itself, the code run uses, with the audit log left
+// out, and closes the result: whatever New checks that the steps before
+// miss still fails Check. The server it builds never serves, so nothing
+// it holds dials.
 //
 // The error, if any, is a config.Errors; config.Lines splits it.
-func Check(cfg *config.Config) error {
+func Check(cfg *config.Config, o Options) error {
 	var errs config.Errors
 	fail := func(path string, err error) {
 		errs = append(errs, &config.FieldError{Path: path, Msg: err.Error()})
@@ -64,13 +63,8 @@ func Check(cfg *config.Config) error {
 	if err := checkAudit(cfg.Audit.Path); err != nil {
 		fail("audit.path", err)
 	}
-	for i, pc := range cfg.Postgres {
-		if _, err := postgres.NewHandler(postgres.Options{Service: pc}); err != nil {
-			fail(fmt.Sprintf("postgres[%d]", i), err)
-		}
-	}
-	if cfg.HTTP != nil {
-		errs = append(errs, httpproxy.Check(*cfg.HTTP)...)
+	for _, p := range o.Protocols {
+		errs = append(errs, p.Check(cfg)...)
 	}
 	if len(errs) > 0 {
 		return errs
@@ -78,7 +72,7 @@ func Check(cfg *config.Config) error {
 
 	noAudit := *cfg
 	noAudit.Audit.Path = ""
-	srv, err := NewWithOptions(&noAudit, zap.NewNop(), Options{HTTPDial: refuseDial})
+	srv, err := New(&noAudit, zap.NewNop(), o)
 	if err != nil {
 		return config.Errors{err}
 	}
@@ -86,12 +80,6 @@ func Check(cfg *config.Config) error {
 		return config.Errors{err}
 	}
 	return nil
-}
-
-// refuseDial stands in for the network in the server Check builds, which
-// never serves.
-func refuseDial(context.Context, string, string) (net.Conn, error) {
-	return nil, errors.New("credproxy validate does not dial")
 }
 
 // checkAudit reports whether audit.Open could open path for appending,

@@ -1,4 +1,4 @@
-package proxy
+package proxy_test
 
 import (
 	"bytes"
@@ -18,7 +18,8 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/credproxy/credproxy/config"
-	httpproxy "github.com/credproxy/credproxy/protocols/http"
+	"github.com/credproxy/credproxy/protocols/httpproxy"
+	"github.com/credproxy/credproxy/proxy"
 )
 
 // checkFixture is a config that Check accepts, with its files in dir:
@@ -142,7 +143,7 @@ func TestCheck(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			f := newCheckFixture(t)
 			tt.edit(f)
-			got := config.Lines(Check(f.cfg))
+			got := config.Lines(proxy.Check(f.cfg, testOptions()))
 			want := make([]string, len(tt.want))
 			for i, w := range tt.want {
 				want[i] = strings.ReplaceAll(w, "{dir}", f.dir)
@@ -169,7 +170,7 @@ func TestCheckAuditExisting(t *testing.T) {
 	if err := os.WriteFile(f.cfg.Audit.Path, []byte(content), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if err := Check(f.cfg); err != nil {
+	if err := proxy.Check(f.cfg, testOptions()); err != nil {
 		t.Fatalf("Check: %v", err)
 	}
 	if b, err := os.ReadFile(f.cfg.Audit.Path); err != nil || string(b) != content {
@@ -196,7 +197,7 @@ http:
 		t.Fatal(err)
 	}
 	core, logs := observer.New(zapcore.InfoLevel)
-	LogWarnings(zap.New(core), "/etc/credproxy.yaml", cfg)
+	proxy.LogWarnings(zap.New(core), "/etc/credproxy.yaml", cfg)
 	var got bytes.Buffer
 	for _, e := range logs.All() {
 		got.WriteString(e.Level.String() + " " + e.Message)
@@ -210,5 +211,26 @@ warn config warning config=/etc/credproxy.yaml key=http.routes[0].upstream warni
 `
 	if got.String() != want {
 		t.Errorf("logged:\n%s\nwant:\n%s", got.String(), want)
+	}
+}
+
+// --watch watches the config, the files secrets and Vault name, and what
+// each service was built from, which the protocols say.
+func TestReferencedFiles(t *testing.T) {
+	f := newCheckFixture(t)
+	f.cfg.Postgres[0].TLS.CertFile, f.cfg.Postgres[0].TLS.KeyFile = f.path("other/ca.pem"), f.path("other/ca-key.pem")
+	f.cfg.HTTP.UpstreamCAFile = f.path("other/ca.pem")
+	noAudit := *f.cfg
+	noAudit.Audit.Path = ""
+	srv, err := proxy.New(&noAudit, zap.NewNop(), testOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	got := srv.ReferencedFiles(f.path("credproxy.yaml"))
+	want := []string{f.path("app.pw"), f.path("ca-key.pem"), f.path("ca.pem"), f.path("credproxy.yaml"),
+		f.path("other/ca-key.pem"), f.path("other/ca.pem"), f.path("vault-token")}
+	if strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Errorf("ReferencedFiles:\n\t%s\nwant:\n\t%s", strings.Join(got, "\n\t"), strings.Join(want, "\n\t"))
 	}
 }

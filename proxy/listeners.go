@@ -2,47 +2,20 @@ package proxy
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
-	"errors"
 	"fmt"
 	"net"
 	"os"
 	"strconv"
 	"strings"
 	"sync/atomic"
-	"time"
 
 	"go.uber.org/zap"
 )
 
-// svc is one configured service: its listener address and the handler
-// built for its current settings.
-type svc struct {
-	name       string
-	listen     string
-	socketMode string
-	spec       any // the service's config, compared on reload
-	handler    ConnHandler
-	// shutdown and close, when set, end the handler's own connections and
-	// goroutines (the HTTP proxy's keep-alive connections and certificate
-	// maintenance): shutdown gracefully, close at once.
-	shutdown func(context.Context) error
-	close    func() error
-}
-
-// release frees a handler that will not serve (a rejected or unchanged
-// build).
-func (sv svc) release() {
-	if sv.close != nil {
-		_ = sv.close()
-	}
-}
-
 // key identifies a service's listener across reloads: its address, or for
 // an ephemeral port (":0", tests) its name and address, since several
 // services may ask for one.
-func (sv svc) key() string { return svcKey(sv.name, sv.listen) }
+func (sv Service) key() string { return svcKey(sv.Name, sv.Listen) }
 
 func svcKey(name, listen string) string {
 	if strings.HasSuffix(listen, ":0") {
@@ -54,9 +27,9 @@ func svcKey(name, listen string) string {
 // listener is one bound address. Its handler can be swapped by a reload:
 // new sessions use the new one, open sessions carry on with the old.
 type listener struct {
-	svc     svc // the service as last built, for shutdown and close
+	svc     Service // the service as last built, for shutdown and close
 	name    string
-	key     string // svc.key
+	key     string // Service.key
 	addr    string
 	spec    any
 	ln      net.Listener
@@ -68,28 +41,41 @@ type listener struct {
 	done   chan struct{} // closed when the accept loop returns
 }
 
-type handlerRef struct{ h ConnHandler }
+// handlerRef is what a new session of the listener uses: the handler
+// and the service's name, swapped together by a reload.
+type handlerRef struct {
+	h    ConnHandler
+	name string
+}
 
-// bind listens on svc's address.
-func (s *Server) bind(sv svc) (*listener, error) {
-	ln, err := Listen(sv.listen, sv.socketMode)
+// bind listens on sv's address.
+func (s *Server) bind(sv Service) (*listener, error) {
+	ln, err := Listen(sv.Listen, sv.SocketMode)
 	if err != nil {
 		return nil, err
 	}
-	l := &listener{name: sv.name, key: sv.key(), addr: sv.listen, spec: sv.spec, svc: sv, ln: ln, done: make(chan struct{})}
+	l := &listener{name: sv.Name, key: sv.key(), addr: sv.Listen, spec: sv.Spec, svc: sv, ln: ln, done: make(chan struct{})}
 	l.ctx, l.cancel = context.WithCancel(s.sessCtx)
-	l.handler.Store(&handlerRef{sv.handler})
+	l.handler.Store(&handlerRef{h: sv.Handler, name: sv.Name})
 	return l, nil
 }
 
-// serve starts l's accept loop.
+// serve starts l's accept loop. s.mu is held.
 func (s *Server) serve(l *listener) {
 	s.log.Info("listening", zap.String("service", l.name), zap.String("listen", l.ln.Addr().String()))
+	log := s.log.With(zap.String("service", l.name))
 	s.bg.Add(1)
 	go func() {
 		defer s.bg.Done()
 		defer close(l.done)
-		s.accept(l)
+		acceptLoop(l.ctx, l.ln, log, func(conn net.Conn) {
+			ref := l.handler.Load()
+			s.sessions.Add(1)
+			go func() {
+				defer s.sessions.Done()
+				serveConn(l.ctx, ref.h, conn, s.log, zap.String("service", ref.name))
+			}()
+		})
 	}()
 }
 
@@ -129,42 +115,9 @@ func Listen(addr, mode string) (net.Listener, error) {
 	return ln, nil
 }
 
-func (s *Server) accept(l *listener) {
-	var backoff time.Duration
-	for {
-		conn, err := l.ln.Accept()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			// Out of file descriptors and the like: wait, don't spin.
-			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			s.log.Error("accept failed", zap.String("service", l.name), zap.Error(err), zap.Duration("retry_in", backoff))
-			time.Sleep(backoff)
-			continue
-		}
-		backoff = 0
-		h := l.handler.Load().h
-		s.sessions.Add(1)
-		go func() {
-			defer s.sessions.Done()
-			id := newSessionID()
-			// A bug in one session must not take down the others.
-			defer func() {
-				if r := recover(); r != nil {
-					conn.Close()
-					s.log.Error("session panicked", zap.String("service", l.name), zap.String("session_id", id),
-						zap.Any("panic", r), zap.Stack("stack"))
-				}
-			}()
-			_ = h.ServeConn(l.ctx, conn, id)
-		}()
-	}
-}
-
 // ownAddrs lists every address the process listens on — the admin
-// server and each service — for the HTTP proxy, which never passes a
-// tunnel through to them.
+// server and each service — for protocols (Env.OwnAddrs): the HTTP proxy
+// never passes a tunnel through to them.
 func (s *Server) ownAddrs() []net.Addr {
 	var out []net.Addr
 	if a := s.AdminAddr(); a != nil {
@@ -176,11 +129,4 @@ func (s *Server) ownAddrs() []net.Addr {
 		out = append(out, l.ln.Addr())
 	}
 	return out
-}
-
-// newSessionID returns 96 random bits in hex.
-func newSessionID() string {
-	var b [12]byte
-	_, _ = rand.Read(b[:])
-	return hex.EncodeToString(b[:])
 }

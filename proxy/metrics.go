@@ -7,7 +7,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
-	"github.com/credproxy/credproxy/protocols/postgres"
 	"github.com/credproxy/credproxy/proxy/credentials"
 )
 
@@ -111,90 +110,129 @@ func result(err error) string {
 	return "ok"
 }
 
-// postgresObserver adapts Metrics to protocols/postgres.Observer.
-type postgresObserver struct{ m *Metrics }
+// The methods below are what protocols and the credential store count
+// with. Each is safe for concurrent use and does nothing on a nil
+// *Metrics, so a handler built without metrics (a test, Check) needs no
+// stand-in. The protocol and service labels are the caller's: "postgres"
+// and the service name, "http" and the route host (or "http" for the
+// listener as a whole).
 
-func (o postgresObserver) SessionStarted(service string) {
-	o.m.sessionsActive.WithLabelValues("postgres", service).Inc()
+// SessionStarted counts a session handed to its app.
+func (m *Metrics) SessionStarted(protocol, service string) {
+	if m == nil {
+		return
+	}
+	m.sessionsActive.WithLabelValues(protocol, service).Inc()
 }
 
-func (o postgresObserver) SessionEnded(service, res string, d time.Duration, in, out int64) {
-	o.m.sessionsActive.WithLabelValues("postgres", service).Dec()
-	o.m.sessionsTotal.WithLabelValues("postgres", service, res).Inc()
-	o.m.sessionDuration.WithLabelValues("postgres", service).Observe(d.Seconds())
-	o.m.bytesTotal.WithLabelValues("postgres", service, "in").Add(float64(in))
-	o.m.bytesTotal.WithLabelValues("postgres", service, "out").Add(float64(out))
+// SessionEnded follows every SessionStarted; result is "ok" or "error",
+// in and out the bytes from and to the app.
+func (m *Metrics) SessionEnded(protocol, service, result string, d time.Duration, in, out int64) {
+	if m == nil {
+		return
+	}
+	m.sessionsActive.WithLabelValues(protocol, service).Dec()
+	m.sessionsTotal.WithLabelValues(protocol, service, result).Inc()
+	m.sessionDuration.WithLabelValues(protocol, service).Observe(d.Seconds())
+	m.bytesTotal.WithLabelValues(protocol, service, "in").Add(float64(in))
+	m.bytesTotal.WithLabelValues(protocol, service, "out").Add(float64(out))
 }
 
-func (o postgresObserver) Denied(service, kind string) {
-	o.m.sessionsTotal.WithLabelValues("postgres", service, "denied").Inc()
-	// A client that sends garbage (or a TCP health check that connects and
-	// closes), or one turned away over a limit, is not an authentication
-	// failure worth alerting on.
-	if kind != postgres.KindBadStartup && kind != postgres.KindTooManyClients {
-		o.m.authFailures.WithLabelValues("postgres", service, kind).Inc()
+// Denied counts a session refused before it started, with kind a fixed
+// deny kind of the protocol's. authFailure also counts it in
+// auth_failures_total: the protocol says which refusals are worth
+// alerting on (not a client that sends garbage, nor one over a limit).
+func (m *Metrics) Denied(protocol, service, kind string, authFailure bool) {
+	if m == nil {
+		return
+	}
+	m.sessionsTotal.WithLabelValues(protocol, service, "denied").Inc()
+	if authFailure {
+		m.authFailures.WithLabelValues(protocol, service, kind).Inc()
 	}
 }
 
-func (o postgresObserver) Refused(service, reason string) {
-	o.m.refused.WithLabelValues("postgres", service, reason).Inc()
+// UpstreamConnected records how long the upstream dial, TLS and login took.
+func (m *Metrics) UpstreamConnected(protocol, service string, d time.Duration) {
+	if m == nil {
+		return
+	}
+	m.upstreamConnect.WithLabelValues(protocol, service).Observe(d.Seconds())
 }
 
-func (o postgresObserver) Migrated(service, result string, swap time.Duration) {
-	o.m.migrations.WithLabelValues(service, result).Inc()
-	if result == postgres.MigrationOK {
-		o.m.migrationSwap.WithLabelValues(service).Observe(swap.Seconds())
+// Refused counts a connection or request turned away by one of
+// credproxy's own limits or its tunnel deny list; reason names which.
+func (m *Metrics) Refused(protocol, service, reason string) {
+	if m == nil {
+		return
+	}
+	m.refused.WithLabelValues(protocol, service, reason).Inc()
+}
+
+// TimedOut counts a request ended by a timeout of the given kind.
+func (m *Metrics) TimedOut(protocol, service, kind string) {
+	if m == nil {
+		return
+	}
+	m.timeouts.WithLabelValues(protocol, service, kind).Inc()
+}
+
+// Migrated counts a Postgres session's move to a fresh credential by
+// result; for result "ok", swap is how long the move held the session.
+func (m *Metrics) Migrated(service, result string, swap time.Duration) {
+	if m == nil {
+		return
+	}
+	m.migrations.WithLabelValues(service, result).Inc()
+	if result == "ok" {
+		m.migrationSwap.WithLabelValues(service).Observe(swap.Seconds())
 	}
 }
 
-func (o postgresObserver) UpstreamConnected(service string, d time.Duration) {
-	o.m.upstreamConnect.WithLabelValues("postgres", service).Observe(d.Seconds())
+// HTTPRequest counts an HTTP proxy request by route, status code and
+// whether a credential was injected.
+func (m *Metrics) HTTPRequest(route string, code int, injected bool) {
+	if m == nil {
+		return
+	}
+	m.httpRequests.WithLabelValues(route, strconv.Itoa(code), strconv.FormatBool(injected)).Inc()
 }
 
-// credentialObserver adapts Metrics to credentials.Observer.
-type credentialObserver struct{ m *Metrics }
+// Metrics is the credential store's credentials.Observer.
+var _ credentials.Observer = (*Metrics)(nil)
 
-func (o credentialObserver) Fetched(name string, d time.Duration, err error) {
-	o.m.credentialFetch.WithLabelValues(name).Observe(d.Seconds())
+// Fetched records a fetch from a credential's source, and its failure by
+// kind.
+func (m *Metrics) Fetched(name string, d time.Duration, err error) {
+	if m == nil {
+		return
+	}
+	m.credentialFetch.WithLabelValues(name).Observe(d.Seconds())
 	if err != nil {
-		o.m.credentialErrors.WithLabelValues(name, credentials.KindOf(err).String()).Inc()
+		m.credentialErrors.WithLabelValues(name, credentials.KindOf(err).String()).Inc()
 	}
 }
 
-func (o credentialObserver) Renewed(name string, err error) {
-	o.m.leaseRenewals.WithLabelValues(name, result(err)).Inc()
-}
-
-func (o credentialObserver) Rotated(name string, err error) {
-	o.m.rotations.WithLabelValues(name, result(err)).Inc()
-}
-
-func (o credentialObserver) LeasesActive(name string, n int) {
-	o.m.leasesActive.WithLabelValues(name).Set(float64(n))
-}
-
-// httpObserver adapts Metrics to the HTTP proxy's Observer.
-type httpObserver struct{ m *Metrics }
-
-func (o httpObserver) Request(route string, code int, injected bool) {
-	if route == "" {
-		route = "none" // no route matched: bounded, and distinct from any host
+// Renewed counts a lease renewal by result.
+func (m *Metrics) Renewed(name string, err error) {
+	if m == nil {
+		return
 	}
-	o.m.httpRequests.WithLabelValues(route, strconv.Itoa(code), strconv.FormatBool(injected)).Inc()
+	m.leaseRenewals.WithLabelValues(name, result(err)).Inc()
 }
 
-// Refused labels a refusal by the route, or "http" (the listener's
-// service name) for one that concerns no route.
-func (o httpObserver) Refused(route, reason string) {
-	if route == "" {
-		route = "http"
+// Rotated counts a credential replaced for new sessions, by result.
+func (m *Metrics) Rotated(name string, err error) {
+	if m == nil {
+		return
 	}
-	o.m.refused.WithLabelValues("http", route, reason).Inc()
+	m.rotations.WithLabelValues(name, result(err)).Inc()
 }
 
-func (o httpObserver) TimedOut(route, kind string) {
-	if route == "" {
-		route = "http"
+// LeasesActive sets how many leases credproxy holds for a credential.
+func (m *Metrics) LeasesActive(name string, n int) {
+	if m == nil {
+		return
 	}
-	o.m.timeouts.WithLabelValues("http", route, kind).Inc()
+	m.leasesActive.WithLabelValues(name).Set(float64(n))
 }

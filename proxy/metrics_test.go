@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/credproxy/credproxy/proxy/credentials"
@@ -19,17 +20,15 @@ func TestMonitoringMetricsExist(t *testing.T) {
 	m := NewMetrics()
 	m.registerReady(func() bool { return true })
 	// Vectors appear in Gather once a series exists: touch each one.
-	po := postgresObserver{m}
-	po.SessionStarted("db")
-	po.SessionEnded("db", "ok", time.Second, 1, 1)
-	po.Denied("db", "upstream_auth")
-	po.UpstreamConnected("db", time.Millisecond)
-	co := credentialObserver{m}
-	co.Fetched("c", time.Millisecond, errors.New("vault unreachable"))
-	co.Renewed("c", nil)
-	co.Rotated("c", nil)
-	co.LeasesActive("c", 1)
-	httpObserver{m}.Request("api.example.com", 200, true)
+	m.SessionStarted("postgres", "db")
+	m.SessionEnded("postgres", "db", "ok", time.Second, 1, 1)
+	m.Denied("postgres", "db", "upstream_auth", true)
+	m.UpstreamConnected("postgres", "db", time.Millisecond)
+	m.Fetched("c", time.Millisecond, errors.New("vault unreachable"))
+	m.Renewed("c", nil)
+	m.Rotated("c", nil)
+	m.LeasesActive("c", 1)
+	m.HTTPRequest("api.example.com", 200, true)
 	m.configReloads.WithLabelValues("ok").Inc()
 
 	families, err := m.Registry.Gather()
@@ -66,9 +65,8 @@ func TestMonitoringMetricsExist(t *testing.T) {
 // Fetch failures are labelled by their kind, whatever their text says.
 func TestCredentialErrorLabelsByKind(t *testing.T) {
 	m := NewMetrics()
-	co := credentialObserver{m}
-	co.Fetched("c", time.Millisecond, &credentials.Error{Kind: credentials.KindTimeout, Msg: "unreachable: 403 not found"})
-	co.Fetched("c", time.Millisecond, errors.New("vault unreachable: 403 permission denied"))
+	m.Fetched("c", time.Millisecond, &credentials.Error{Kind: credentials.KindTimeout, Msg: "unreachable: 403 not found"})
+	m.Fetched("c", time.Millisecond, errors.New("vault unreachable: 403 permission denied"))
 	for _, tc := range []struct {
 		kind string
 		want float64
@@ -76,5 +74,53 @@ func TestCredentialErrorLabelsByKind(t *testing.T) {
 		if got := testutil.ToFloat64(m.credentialErrors.WithLabelValues("c", tc.kind)); got != tc.want {
 			t.Errorf("credential_fetch_errors_total{kind=%q} = %v, want %v", tc.kind, got, tc.want)
 		}
+	}
+}
+
+// Protocols and the store count without a nil check: a nil *Metrics
+// counts nothing.
+func TestNilMetricsCountNothing(t *testing.T) {
+	var m *Metrics
+	m.SessionStarted("postgres", "db")
+	m.SessionEnded("postgres", "db", "ok", time.Second, 1, 1)
+	m.Denied("postgres", "db", "upstream_auth", true)
+	m.UpstreamConnected("postgres", "db", time.Millisecond)
+	m.Refused("http", "http", "max_connections")
+	m.TimedOut("http", "api.example.com", "body_read")
+	m.Migrated("db", "ok", time.Millisecond)
+	m.HTTPRequest("none", 403, false)
+	m.Fetched("c", time.Millisecond, errors.New("x"))
+	m.Renewed("c", nil)
+	m.Rotated("c", nil)
+	m.LeasesActive("c", 1)
+}
+
+// A denial is a session in sessions_total; an auth failure only when the
+// protocol says so. A migration's swap time is recorded for "ok" only.
+func TestDeniedAndMigrated(t *testing.T) {
+	m := NewMetrics()
+	m.Denied("postgres", "db", "upstream_auth", true)
+	m.Denied("postgres", "db", "bad_startup", false)
+	m.Migrated("db", "ok", time.Millisecond)
+	m.Migrated("db", "failed", 0)
+	for _, tc := range []struct {
+		name string
+		c    prometheus.Collector
+		want float64
+	}{
+		{"sessions_total denied", m.sessionsTotal.WithLabelValues("postgres", "db", "denied"), 2},
+		{"auth_failures_total upstream_auth", m.authFailures.WithLabelValues("postgres", "db", "upstream_auth"), 1},
+		{"migrations_total ok", m.migrations.WithLabelValues("db", "ok"), 1},
+		{"migrations_total failed", m.migrations.WithLabelValues("db", "failed"), 1},
+	} {
+		if got := testutil.ToFloat64(tc.c); got != tc.want {
+			t.Errorf("%s = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+	if n := testutil.CollectAndCount(m.authFailures); n != 1 {
+		t.Errorf("auth_failures_total has %d series, want 1", n)
+	}
+	if n := testutil.CollectAndCount(m.migrationSwap); n != 1 {
+		t.Errorf("migration_swap_seconds has %d series, want 1 (ok only)", n)
 	}
 }

@@ -58,7 +58,7 @@ func (s *Server) reload(cfg *config.Config) error {
 	current := s.listeners
 	s.mu.Unlock()
 	var added []*listener
-	want := make(map[string]svc, len(b.svcs))
+	want := make(map[string]Service, len(b.svcs))
 	for _, sv := range b.svcs {
 		want[sv.key()] = sv
 		if _, ok := current[sv.key()]; ok {
@@ -70,7 +70,7 @@ func (s *Server) reload(cfg *config.Config) error {
 				a.ln.Close()
 			}
 			b.discard()
-			return fmt.Errorf("%s: %w", sv.name, err)
+			return fmt.Errorf("%s: %w", sv.Name, err)
 		}
 		added = append(added, l)
 	}
@@ -94,13 +94,13 @@ func (s *Server) reload(cfg *config.Config) error {
 			delete(s.listeners, key)
 			s.retire(l, cfg.ShutdownGrace.D())
 			removed++
-		case reflect.DeepEqual(l.spec, sv.spec):
+		case reflect.DeepEqual(l.spec, sv.Spec):
 			sv.release() // the running handler stays
 			kept++
 		default:
 			old := l.svc
-			l.name, l.spec, l.svc = sv.name, sv.spec, sv
-			l.handler.Store(&handlerRef{sv.handler})
+			l.name, l.spec, l.svc = sv.Name, sv.Spec, sv
+			l.handler.Store(&handlerRef{h: sv.Handler, name: sv.Name})
 			s.drainHandler(old, cfg.ShutdownGrace.D())
 			changed++
 		}
@@ -153,8 +153,8 @@ func (s *Server) retire(l *listener, grace time.Duration) {
 
 // drainHandler lets a replaced handler's own connections finish within
 // grace, then closes it.
-func (s *Server) drainHandler(sv svc, grace time.Duration) {
-	if sv.shutdown == nil {
+func (s *Server) drainHandler(sv Service, grace time.Duration) {
+	if sv.Shutdown == nil {
 		return
 	}
 	s.bg.Add(1)
@@ -162,8 +162,8 @@ func (s *Server) drainHandler(sv svc, grace time.Duration) {
 		defer s.bg.Done()
 		ctx, cancel := context.WithTimeout(s.sessCtx, grace)
 		defer cancel()
-		_ = sv.shutdown(ctx)
-		_ = sv.close()
+		_ = sv.Shutdown(ctx)
+		_ = sv.Close()
 	}()
 }
 

@@ -1,4 +1,4 @@
-package proxy
+package proxy_test
 
 import (
 	"bufio"
@@ -17,12 +17,13 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/credproxy/credproxy/config"
-	httpproxy "github.com/credproxy/credproxy/protocols/http"
+	"github.com/credproxy/credproxy/protocols/httpproxy"
+	"github.com/credproxy/credproxy/proxy"
 )
 
 // blockedReload starts a reload that adds a listener and holds it after
 // binding, before it commits. release lets it go on (also at cleanup).
-func blockedReload(t *testing.T, srv *Server, cfg *config.Config) (reloaded <-chan error, release func()) {
+func blockedReload(t *testing.T, srv *proxy.Server, cfg *config.Config) (reloaded <-chan error, release func()) {
 	t.Helper()
 	next := *cfg
 	next.Postgres = append(slices.Clone(cfg.Postgres), config.Postgres{
@@ -30,10 +31,10 @@ func blockedReload(t *testing.T, srv *Server, cfg *config.Config) (reloaded <-ch
 		TLS: config.PostgresTLS{Mode: "disable"},
 	})
 	bound, gate := make(chan struct{}), make(chan struct{})
-	srv.hookReloadBound = func() {
+	proxy.SetHookReloadBound(srv, func() {
 		close(bound)
 		<-gate
-	}
+	})
 	var once sync.Once
 	release = func() { once.Do(func() { close(gate) }) }
 	t.Cleanup(release)
@@ -43,9 +44,9 @@ func blockedReload(t *testing.T, srv *Server, cfg *config.Config) (reloaded <-ch
 	return done, release
 }
 
-func startServer(t *testing.T, cfg *config.Config) *Server {
+func startServer(t *testing.T, cfg *config.Config) *proxy.Server {
 	t.Helper()
-	srv, err := New(cfg, zap.NewNop())
+	srv, err := proxy.New(cfg, zap.NewNop(), testOptions())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -92,7 +93,7 @@ func TestShutdownDuringReloadClosesNewListeners(t *testing.T) {
 
 	// Close has stopped the listeners it knew of and waits for the reload.
 	closing := make(chan struct{})
-	srv.hookCloseLocking = func() { close(closing) }
+	proxy.SetHookCloseLocking(srv, func() { close(closing) })
 	shut := make(chan error, 1)
 	go func() { shut <- srv.Shutdown(context.Background(), time.Second) }()
 	<-closing
@@ -114,7 +115,7 @@ func TestShutdownDuringReloadClosesNewListeners(t *testing.T) {
 }
 
 // counterValue reads one series of a counter vector from the registry.
-func counterValue(t *testing.T, srv *Server, name string, labels map[string]string) float64 {
+func counterValue(t *testing.T, srv *proxy.Server, name string, labels map[string]string) float64 {
 	t.Helper()
 	families, err := srv.Metrics().Registry.Gather()
 	if err != nil {

@@ -1,6 +1,9 @@
-// Package proxy runs credproxy: it builds the credential store, the audit log
-// and one protocol handler per configured service, binds their listeners,
-// serves sessions, reloads its config live and shuts down gracefully.
+// Package proxy is credproxy's engine: it builds the credential store and
+// the audit log, has the protocols it is given build one handler per
+// configured service, binds their listeners, serves sessions, reloads its
+// config live, shuts down gracefully, and serves metrics and probes. It
+// imports no protocol: protocols import it, for the interfaces they plug
+// into (protocol.go) and the metrics they count with.
 package proxy
 
 import (
@@ -14,16 +17,10 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/credproxy/credproxy/config"
-	"github.com/credproxy/credproxy/protocols/postgres"
 	"github.com/credproxy/credproxy/proxy/audit"
 	"github.com/credproxy/credproxy/proxy/credentials"
 	"github.com/credproxy/credproxy/proxy/limit"
 )
-
-// ConnHandler serves one accepted connection; it owns and closes conn.
-type ConnHandler interface {
-	ServeConn(ctx context.Context, conn net.Conn, sessionID string) error
-}
 
 // Server is a running credproxy.
 type Server struct {
@@ -31,7 +28,8 @@ type Server struct {
 	metrics *Metrics
 	audit   *swapSink
 	store   *credentials.Store
-	cancels *postgres.CancelRegistry
+	// protocols build the services (Options.Protocols).
+	protocols []Protocol
 
 	// sessCtx is every session's context; cancelling it force-closes them.
 	sessCtx  context.Context
@@ -49,17 +47,16 @@ type Server struct {
 	// below it, which probes and accept loops read.
 	reloadMu sync.Mutex
 	cfg      *config.Config
-	svcs     []svc // the config's services, in order; written under mu too
+	svcs     []Service // the config's services, in order; written under mu too
 	sources  map[string]credentials.Source
 	vault    *credentials.VaultClient   // nil without a vault block
 	vaults   []*credentials.VaultClient // every client made, closed at Close
 	audits   []*audit.Writer            // every audit file opened, closed at Close
 	closers  []func() error             // every handler with resources of its own
-	limits   map[string]*limit.Listener // each listener's counters, by svc.key
-	httpDial func(ctx context.Context, network, addr string) (net.Conn, error)
+	limits   map[string]*limit.Listener // each listener's counters, by Service.key
 
 	mu         sync.Mutex
-	listeners  map[string]*listener // by svc.key
+	listeners  map[string]*listener // by Service.key
 	started    bool                 // every listener bound
 	draining   bool
 	closeOnce  sync.Once
@@ -72,28 +69,18 @@ type Server struct {
 	hookCloseLocking func()
 }
 
-// Options are what embedding programs and tests may set beyond the config.
-type Options struct {
-	// HTTPDial dials the HTTP proxy's upstreams; nil uses a net.Dialer.
-	HTTPDial func(ctx context.Context, network, addr string) (net.Conn, error)
-}
-
-// New builds everything the config describes but binds nothing.
-func New(cfg *config.Config, log *zap.Logger) (*Server, error) {
-	return NewWithOptions(cfg, log, Options{})
-}
-
-// NewWithOptions is New with Options.
-func NewWithOptions(cfg *config.Config, log *zap.Logger, o Options) (*Server, error) {
-	s := &Server{log: log, metrics: NewMetrics(), audit: &swapSink{}, cancels: postgres.NewCancelRegistry(),
-		listeners: make(map[string]*listener), httpDial: o.HTTPDial, limits: make(map[string]*limit.Listener)}
+// New builds everything the config describes, the services with o's
+// protocols, but binds nothing.
+func New(cfg *config.Config, log *zap.Logger, o Options) (*Server, error) {
+	s := &Server{log: log, metrics: NewMetrics(), audit: &swapSink{}, protocols: o.Protocols,
+		listeners: make(map[string]*listener), limits: make(map[string]*limit.Listener)}
 	s.sessCtx, s.killAll = context.WithCancel(context.Background())
 	s.metrics.registerReady(func() bool { return len(s.notReady()) == 0 })
 	b, err := s.build(cfg)
 	if err != nil {
 		return nil, err
 	}
-	opts := credentials.Options{Logger: log, Observer: credentialObserver{s.metrics}}
+	opts := credentials.Options{Logger: log, Observer: s.metrics}
 	if v := cfg.Vault; v != nil {
 		opts.FetchTimeout = v.RequestTimeout.D()
 		opts.RevokeUnused = v.RevokeUnused == nil || *v.RevokeUnused
@@ -138,7 +125,7 @@ func (s *Server) Start() error {
 			for _, b := range bound {
 				b.ln.Close()
 			}
-			return fmt.Errorf("%s: %w", svc.name, err)
+			return fmt.Errorf("%s: %w", svc.Name, err)
 		}
 		bound = append(bound, l)
 	}
@@ -163,8 +150,8 @@ func (s *Server) AdminAddr() net.Addr {
 	return s.admin.ln.Addr()
 }
 
-// Addrs returns the bound listener addresses in config order: postgres
-// services, then the HTTP proxy.
+// Addrs returns the bound listener addresses in the order the protocols
+// built their services (Options.Protocols, each in config order).
 func (s *Server) Addrs() []net.Addr {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -189,7 +176,7 @@ func (s *Server) Shutdown(ctx context.Context, grace time.Duration) error {
 	var handlers sync.WaitGroup
 	s.mu.Lock()
 	for _, l := range s.listeners {
-		if sd := l.svc.shutdown; sd != nil {
+		if sd := l.svc.Shutdown; sd != nil {
 			handlers.Add(1)
 			go func() {
 				defer handlers.Done()

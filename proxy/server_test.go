@@ -1,4 +1,4 @@
-package proxy
+package proxy_test
 
 import (
 	"context"
@@ -15,6 +15,9 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/credproxy/credproxy/config"
+	"github.com/credproxy/credproxy/protocols/httpproxy"
+	"github.com/credproxy/credproxy/protocols/postgres"
+	"github.com/credproxy/credproxy/proxy"
 )
 
 func TestMain(m *testing.M) {
@@ -72,6 +75,11 @@ func fakeUpstream(t *testing.T) string {
 	return ln.Addr().String()
 }
 
+// testOptions are the protocols cmd/credproxy wires in.
+func testOptions() proxy.Options {
+	return proxy.Options{Protocols: []proxy.Protocol{postgres.NewProtocol(), httpproxy.NewProtocol(httpproxy.ProtocolOptions{})}}
+}
+
 func testConfig(t *testing.T, upstream string) *config.Config {
 	t.Helper()
 	return &config.Config{
@@ -111,7 +119,7 @@ func connect(t *testing.T, addr string) net.Conn {
 }
 
 func TestServerCloseEndsSessionsWithoutLeaks(t *testing.T) {
-	srv, err := New(testConfig(t, fakeUpstream(t)), zap.NewNop())
+	srv, err := proxy.New(testConfig(t, fakeUpstream(t)), zap.NewNop(), testOptions())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -134,7 +142,7 @@ func TestServerCloseEndsSessionsWithoutLeaks(t *testing.T) {
 }
 
 func TestShutdownWaitsForGraceThenCloses(t *testing.T) {
-	srv, err := New(testConfig(t, fakeUpstream(t)), zap.NewNop())
+	srv, err := proxy.New(testConfig(t, fakeUpstream(t)), zap.NewNop(), testOptions())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -176,7 +184,7 @@ func TestShutdownWaitsForGraceThenCloses(t *testing.T) {
 }
 
 func TestShutdownReturnsEarlyWhenSessionsEnd(t *testing.T) {
-	srv, err := New(testConfig(t, fakeUpstream(t)), zap.NewNop())
+	srv, err := proxy.New(testConfig(t, fakeUpstream(t)), zap.NewNop(), testOptions())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -202,7 +210,7 @@ func TestShutdownReturnsEarlyWhenSessionsEnd(t *testing.T) {
 
 func TestListenUnixReplacesStaleSocket(t *testing.T) {
 	path := filepath.Join(t.TempDir(), ".s.PGSQL.5432")
-	ln, err := Listen("unix:"+path, "0600")
+	ln, err := proxy.Listen("unix:"+path, "0600")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -210,13 +218,13 @@ func TestListenUnixReplacesStaleSocket(t *testing.T) {
 		t.Errorf("socket mode = %v (%v), want 0600", fi.Mode().Perm(), err)
 	}
 	// A second listener on a live socket is refused.
-	if _, err := Listen("unix:"+path, "0600"); err == nil {
+	if _, err := proxy.Listen("unix:"+path, "0600"); err == nil {
 		t.Fatal("second listener on a live socket")
 	}
 	ln.(*net.UnixListener).SetUnlinkOnClose(false)
 	ln.Close()
 	// The file left behind is stale and replaced.
-	ln2, err := Listen("unix:"+path, "0600")
+	ln2, err := proxy.Listen("unix:"+path, "0600")
 	if err != nil {
 		t.Fatalf("stale socket not replaced: %v", err)
 	}

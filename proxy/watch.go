@@ -94,9 +94,18 @@ func Watch(ctx context.Context, log *zap.Logger, files func() []string, reload f
 	}
 }
 
-// ReferencedFiles lists the config file and every file the config names:
-// static *_file secrets, TLS material, Vault CA and auth files, the HTTP CA.
-func ReferencedFiles(path string, cfg *config.Config) []string {
+// ReferencedFiles lists the config file at path and every file the
+// running config names: static *_file secrets, the Vault CA and auth
+// files, and what each service was built from (Service.Files: TLS
+// material, the HTTP CA).
+func (s *Server) ReferencedFiles(path string) []string {
+	s.mu.Lock()
+	svcs := s.svcs
+	s.mu.Unlock()
+	return referencedFiles(path, s.Config(), svcs)
+}
+
+func referencedFiles(path string, cfg *config.Config, svcs []Service) []string {
 	set := map[string]bool{}
 	add := func(f string) {
 		if f != "" {
@@ -122,19 +131,10 @@ func ReferencedFiles(path string, cfg *config.Config) []string {
 			add(v.Auth.RoleIDFile)
 			add(v.Auth.SecretIDFile)
 		}
-		for _, p := range cfg.Postgres {
-			add(p.TLS.CAFile)
-			add(p.TLS.CertFile)
-			add(p.TLS.KeyFile)
-			if ct := p.ClientTLS; ct != nil {
-				add(ct.CertFile)
-				add(ct.KeyFile)
-			}
-		}
-		if h := cfg.HTTP; h != nil {
-			add(h.CA.CertFile)
-			add(h.CA.KeyFile)
-			add(h.UpstreamCAFile)
+	}
+	for _, sv := range svcs {
+		for _, f := range sv.Files {
+			add(f)
 		}
 	}
 	out := make([]string, 0, len(set))

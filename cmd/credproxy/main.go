@@ -1,8 +1,9 @@
 // Command credproxy is a transparent credential-injecting proxy: apps connect
 // without secrets, credproxy logs in upstream with credentials it fetches.
 //
-// This file only parses the command line, wires signals and maps outcomes to
-// exit codes: 0 clean stop, 1 bad config or start-up failure, 2 usage error.
+// This file only parses the command line, wires the protocols into the
+// engine, wires signals and maps outcomes to exit codes: 0 clean stop, 1
+// bad config or start-up failure, 2 usage error.
 package main
 
 import (
@@ -19,7 +20,8 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/credproxy/credproxy/config"
-	httpproxy "github.com/credproxy/credproxy/protocols/http"
+	"github.com/credproxy/credproxy/protocols/httpproxy"
+	"github.com/credproxy/credproxy/protocols/postgres"
 	"github.com/credproxy/credproxy/proxy"
 )
 
@@ -109,7 +111,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 func validate(path string, stdout, stderr io.Writer) int {
 	cfg, warnings, err := config.LoadWithWarnings(path)
 	if err == nil {
-		err = proxy.Check(cfg)
+		err = proxy.Check(cfg, options())
 	}
 	for _, line := range config.Lines(err) {
 		fmt.Fprintln(stderr, line)
@@ -122,6 +124,16 @@ func validate(path string, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stdout, "%s: valid\n", path)
 	return 0
+}
+
+// options wires the protocols into the engine: Postgres services, then
+// the HTTP proxy, which is also the order of their listeners and of
+// validate's problems.
+func options() proxy.Options {
+	return proxy.Options{Protocols: []proxy.Protocol{
+		postgres.NewProtocol(),
+		httpproxy.NewProtocol(httpproxy.ProtocolOptions{}),
+	}}
 }
 
 // caCommand runs "ca init --out DIR": a fresh ECDSA P-256 CA for HTTPS
@@ -171,7 +183,7 @@ func newLogger(level string, w io.Writer) (*zap.Logger, error) {
 // shutdown_grace; a second signal stops at once. SIGHUP (and, with
 // --watch, a change to the config or a file it references) reloads.
 func serve(cfg *config.Config, path string, watch bool, log *zap.Logger) error {
-	srv, err := proxy.New(cfg, log)
+	srv, err := proxy.New(cfg, log, options())
 	if err != nil {
 		return err
 	}
@@ -214,7 +226,7 @@ func serve(cfg *config.Config, path string, watch bool, log *zap.Logger) error {
 		bg.Add(1)
 		go func() {
 			defer bg.Done()
-			files := func() []string { return proxy.ReferencedFiles(path, srv.Config()) }
+			files := func() []string { return srv.ReferencedFiles(path) }
 			if err := proxy.Watch(ctx, log, files, requestReload); err != nil {
 				log.Error("--watch unavailable", zap.Error(err))
 			}

@@ -15,7 +15,7 @@ import (
 
 	"go.uber.org/goleak"
 
-	httpproxy "github.com/credproxy/credproxy/protocols/http"
+	"github.com/credproxy/credproxy/protocols/httpproxy"
 )
 
 func TestMain(m *testing.M) {

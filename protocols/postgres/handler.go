@@ -19,25 +19,24 @@ import (
 
 	"github.com/credproxy/credproxy/config"
 	"github.com/credproxy/credproxy/identity"
+	"github.com/credproxy/credproxy/proxy"
 	"github.com/credproxy/credproxy/proxy/audit"
 	"github.com/credproxy/credproxy/proxy/credentials"
 	"github.com/credproxy/credproxy/proxy/limit"
 )
 
-// Credentials is what a Handler needs from the credential store.
-type Credentials interface {
-	Acquire(ctx context.Context, name string) (*credentials.Handle, error)
-}
-
 // Options configure a Handler.
 type Options struct {
 	Service      config.Postgres
-	Credentials  Credentials
+	Credentials  proxy.Credentials
 	Audit        audit.Sink
 	AuditQueries bool
-	Cancels      *CancelRegistry
-	Logger       *zap.Logger
-	Observer     Observer // nil: no metrics
+	// Cancels maps the cancel keys apps are given to their backends; nil
+	// gives the handler a registry of its own. Protocol shares one between
+	// every service.
+	Cancels *CancelRegistry
+	Logger  *zap.Logger
+	Metrics *proxy.Metrics // nil: not counted
 	// Limits counts the listener's handshakes and sessions against
 	// Service.MaxHandshakes and Service.MaxSessions (0: no limit). The
 	// engine shares one between the handlers a reload swaps, so the
@@ -48,12 +47,12 @@ type Options struct {
 // Handler serves app connections for one configured Postgres service.
 type Handler struct {
 	cfg          config.Postgres
-	creds        Credentials
+	creds        proxy.Credentials
 	audit        audit.Sink
 	auditQueries bool
 	cancels      *CancelRegistry
 	log          *zap.Logger
-	obs          Observer
+	obs          *proxy.Metrics // counts sessions; nil-safe
 	limits       *limit.Listener
 
 	tls       *tls.Config // to the upstream; nil for mode disable
@@ -71,15 +70,12 @@ func NewHandler(o Options) (*Handler, error) {
 		auditQueries: o.AuditQueries,
 		cancels:      o.Cancels,
 		log:          o.Logger,
-		obs:          o.Observer,
+		obs:          o.Metrics,
 		limits:       o.Limits,
 		keepAlive:    30 * time.Second,
 	}
 	if h.limits == nil {
 		h.limits = &limit.Listener{}
-	}
-	if h.obs == nil {
-		h.obs = nopObserver{}
 	}
 	if h.audit == nil {
 		h.audit = audit.Discard{}
@@ -119,7 +115,7 @@ type session struct {
 	id     string
 	start  time.Time
 	log    *zap.Logger
-	client *countingConn
+	client *proxy.CountingConn
 	raw    net.Conn // the app's connection, or its TLS layer
 	rd     *bufio.Reader
 
@@ -140,7 +136,7 @@ type session struct {
 // the error has already been reported to the app, audited and logged.
 // Cancelling ctx closes the session at once.
 func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, id string) error {
-	cc := &countingConn{Conn: conn}
+	cc := proxy.NewCountingConn(conn)
 	s := &session{
 		h: h, id: id, start: time.Now(), client: cc, raw: cc,
 		clientInfo: audit.Client{Addr: identity.ClientAddr(conn), Identity: identity.Peer(conn)},
@@ -199,8 +195,8 @@ func (s *session) refuseAtOnce() error {
 	rec.Error = audit.String(resp.Message)
 	rec.SQLState = resp.Code
 	h.audit.Record(rec)
-	h.obs.Denied(h.cfg.Name, reasonKind(reason))
-	h.obs.Refused(h.cfg.Name, err.reason)
+	h.denied(reason)
+	h.obs.Refused(protocolName, h.cfg.Name, err.reason)
 	if ce := s.log.Check(zap.DebugLevel, "session refused"); ce != nil {
 		ce.Write(zap.String("reason", reason), zap.String("sqlstate", resp.Code), zap.String("error", resp.Message))
 	}
@@ -241,7 +237,7 @@ func readStartupBriefly(conn net.Conn) {
 func (s *session) takeSession() error {
 	h := s.h
 	if !h.limits.Sessions.TryAcquire(h.cfg.MaxSessions) {
-		h.obs.Refused(h.cfg.Name, RefusedMaxSessions)
+		h.obs.Refused(protocolName, h.cfg.Name, RefusedMaxSessions)
 		return &tooManyError{key: "max_sessions", limit: h.cfg.MaxSessions, reason: RefusedMaxSessions}
 	}
 	s.slot = true
@@ -306,7 +302,7 @@ func (s *session) run(ctx context.Context) error {
 	}
 	h.audit.Record(rec)
 	s.started = true
-	h.obs.SessionStarted(h.cfg.Name)
+	h.obs.SessionStarted(protocolName, h.cfg.Name)
 	s.log.Info("session started", zap.String("upstream", h.cfg.Upstream),
 		zap.String("database", s.database), zap.String("db_user", s.dbUser), zap.String("credential", handle.Name))
 
@@ -332,7 +328,7 @@ func (s *session) login(ctx context.Context, params map[string]string) (*credent
 		up, err := s.connect(upCtx, s.dbUser, password, params)
 		cancel()
 		if err == nil {
-			s.h.obs.UpstreamConnected(s.h.cfg.Name, time.Since(start))
+			s.h.obs.UpstreamConnected(protocolName, s.h.cfg.Name, time.Since(start))
 			return handle, up, nil
 		}
 		handle.Release()
@@ -407,7 +403,7 @@ func (s *session) appendHandover(dst []byte, up *upstream, key *pgproto3.Backend
 // record starts an audit record for this session.
 func (s *session) record(event string) *audit.Record {
 	return &audit.Record{
-		Event: event, SessionID: s.id, Protocol: "postgres", Service: s.h.cfg.Name,
+		Event: event, SessionID: s.id, Protocol: protocolName, Service: s.h.cfg.Name,
 		Client: s.clientInfo,
 	}
 }
@@ -429,7 +425,7 @@ func (s *session) deny(err error, out []byte) error {
 	rec.Database = s.database
 	rec.DBUser = s.dbUser
 	s.h.audit.Record(rec)
-	s.h.obs.Denied(s.h.cfg.Name, reasonKind(reason))
+	s.h.denied(reason)
 	s.log.Warn("session denied", zap.String("reason", reason), zap.String("sqlstate", resp.Code), zap.String("error", resp.Message))
 	return err
 }
@@ -459,8 +455,8 @@ func clientError(err error) (*pgproto3.ErrorResponse, string) {
 // end writes the session_end record and the canonical end-of-session log line.
 func (s *session) end(err error) error {
 	rec := s.record(audit.EventSessionEnd)
-	rec.BytesIn = audit.Int64(s.client.in.Load())
-	rec.BytesOut = audit.Int64(s.client.out.Load())
+	rec.BytesIn = audit.Int64(s.client.In.Load())
+	rec.BytesOut = audit.Int64(s.client.Out.Load())
 	dur := time.Since(s.start)
 	rec.DurationMS = audit.Int64(dur.Milliseconds())
 	msg := ""
@@ -478,7 +474,7 @@ func (s *session) end(err error) error {
 		if err != nil {
 			result = "error"
 		}
-		s.h.obs.SessionEnded(s.h.cfg.Name, result, dur, *rec.BytesIn, *rec.BytesOut)
+		s.h.obs.SessionEnded(protocolName, s.h.cfg.Name, result, dur, *rec.BytesIn, *rec.BytesOut)
 	}
 	s.log.Info("session ended", zap.Int64("bytes_in", *rec.BytesIn), zap.Int64("bytes_out", *rec.BytesOut),
 		zap.Duration("duration", dur), zap.String("error", msg))

@@ -27,6 +27,7 @@ import (
 	"github.com/xdg-go/scram"
 
 	"github.com/credproxy/credproxy/config"
+	"github.com/credproxy/credproxy/proxy"
 	"github.com/credproxy/credproxy/proxy/audit"
 	"github.com/credproxy/credproxy/proxy/credentials"
 )
@@ -529,29 +530,31 @@ func TestUnreachableUpstream(t *testing.T) {
 func TestCredentialProblems(t *testing.T) {
 	tests := []struct {
 		name      string
-		creds     func(t *testing.T) Credentials
+		creds     func(t *testing.T) proxy.Credentials
 		credName  string
 		wantInMsg []string
 	}{
 		{
 			name:      "no password field",
-			creds:     func(t *testing.T) Credentials { return staticStore(t, map[string]string{"username": testUser}) },
+			creds:     func(t *testing.T) proxy.Credentials { return staticStore(t, map[string]string{"username": testUser}) },
 			wantInMsg: []string{`credential "c" unavailable`, `"password"`},
 		},
 		{
-			name:      "no username field",
-			creds:     func(t *testing.T) Credentials { return staticStore(t, map[string]string{"password": testPassword}) },
+			name: "no username field",
+			creds: func(t *testing.T) proxy.Credentials {
+				return staticStore(t, map[string]string{"password": testPassword})
+			},
 			wantInMsg: []string{`credential "c" unavailable`, `"username"`},
 		},
 		{
 			name:      "unknown credential",
-			creds:     func(t *testing.T) Credentials { return defaultStore(t) },
+			creds:     func(t *testing.T) proxy.Credentials { return defaultStore(t) },
 			credName:  "nope",
 			wantInMsg: []string{`credential "nope" unavailable: no such credential`},
 		},
 		{
 			name: "source error",
-			creds: func(t *testing.T) Credentials {
+			creds: func(t *testing.T) proxy.Credentials {
 				return newStore(t, map[string]credentials.Source{"c": credentials.NewEnv(map[string]string{"username": "CREDPROXY_TEST_UNSET_USER"})}, credentials.Options{FetchTimeout: 50 * time.Millisecond})
 			},
 			wantInMsg: []string{`credential "c" unavailable`, "CREDPROXY_TEST_UNSET_USER"},

@@ -21,6 +21,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/credproxy/credproxy/config"
+	"github.com/credproxy/credproxy/proxy"
 	"github.com/credproxy/credproxy/proxy/audit"
 	"github.com/credproxy/credproxy/proxy/credentials"
 )
@@ -321,12 +322,53 @@ type proxyOption func(o *Options)
 
 func withAuditQueries(o *Options) { o.AuditQueries = true }
 
-func withCredentials(c Credentials) proxyOption {
+func withCredentials(c proxy.Credentials) proxyOption {
 	return func(o *Options) { o.Credentials = c }
 }
 
 func withCancels(r *CancelRegistry) proxyOption {
 	return func(o *Options) { o.Cancels = r }
+}
+
+func withMetrics(m *proxy.Metrics) proxyOption {
+	return func(o *Options) { o.Metrics = m }
+}
+
+// metricValue reads the series of metric name whose labels include
+// labels from m's registry: a counter's or a gauge's value, a histogram's
+// sample count; 0 when there is no such series.
+func metricValue(t *testing.T, m *proxy.Metrics, name string, labels map[string]string) float64 {
+	t.Helper()
+	families, err := m.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		if f.GetName() != name {
+			continue
+		}
+	series:
+		for _, s := range f.GetMetric() {
+			have := map[string]string{}
+			for _, lp := range s.GetLabel() {
+				have[lp.GetName()] = lp.GetValue()
+			}
+			for k, v := range labels {
+				if have[k] != v {
+					continue series
+				}
+			}
+			switch {
+			case s.GetCounter() != nil:
+				return s.GetCounter().GetValue()
+			case s.GetGauge() != nil:
+				return s.GetGauge().GetValue()
+			case s.GetHistogram() != nil:
+				return float64(s.GetHistogram().GetSampleCount())
+			}
+		}
+	}
+	return 0
 }
 
 // testService is the config of a proxied service in front of upstream.

@@ -2,45 +2,16 @@ package postgres
 
 import (
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgproto3/v2"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/credproxy/credproxy/proxy"
 	"github.com/credproxy/credproxy/proxy/audit"
 	"github.com/credproxy/credproxy/proxy/limit"
 )
-
-// limitObserver records refusals.
-type limitObserver struct {
-	nopObserver
-	mu      sync.Mutex
-	refused []string
-	denied  []string
-}
-
-func (o *limitObserver) Refused(service, reason string) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	o.refused = append(o.refused, service+" "+reason)
-}
-
-func (o *limitObserver) Denied(service, kind string) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	o.denied = append(o.denied, service+" "+kind)
-}
-
-func (o *limitObserver) seen() (refused, denied []string) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	return append([]string(nil), o.refused...), append([]string(nil), o.denied...)
-}
-
-func withObserver(obs Observer) proxyOption {
-	return func(o *Options) { o.Observer = obs }
-}
 
 func withLimits(l *limit.Listener) proxyOption {
 	return func(o *Options) { o.Limits = l }
@@ -68,8 +39,8 @@ func TestMaxSessions(t *testing.T) {
 	up := startUpstream(t, trustScript(true))
 	svc := testService(up.addr)
 	svc.MaxSessions, svc.MaxHandshakes = 2, 8
-	obs := &limitObserver{}
-	p := startProxy(t, svc, withObserver(obs))
+	m := proxy.NewMetrics()
+	p := startProxy(t, svc, withMetrics(m))
 
 	c1 := dialProxy(t, p.addr)
 	h1 := c1.connect(limitParams)
@@ -107,12 +78,29 @@ func TestMaxSessions(t *testing.T) {
 	c4 := dialProxy(t, p.addr)
 	c4.connect(limitParams)
 
-	refused, denied := obs.seen()
-	if len(refused) != 1 || refused[0] != "appdb "+RefusedMaxSessions {
-		t.Errorf("refusals counted: %v", refused)
+	// Counted as refused, and as denied, but not as an auth failure.
+	refused := map[string]string{"protocol": "postgres", "service": "appdb", "reason": RefusedMaxSessions}
+	if v := metricValue(t, m, "credproxy_connections_refused_total", refused); v != 1 {
+		t.Errorf("credproxy_connections_refused_total%v = %v, want 1", refused, v)
 	}
-	if len(denied) != 1 || denied[0] != "appdb "+KindTooManyClients {
-		t.Errorf("denials counted: %v", denied)
+	denied := map[string]string{"protocol": "postgres", "service": "appdb", "result": "denied"}
+	if v := metricValue(t, m, "credproxy_sessions_total", denied); v != 1 {
+		t.Errorf("credproxy_sessions_total%v = %v, want 1", denied, v)
+	}
+	countSeries(t, m, map[string]int{"credproxy_connections_refused_total": 1, "credproxy_auth_failures_total": 0})
+}
+
+// countSeries checks how many series each metric has.
+func countSeries(t *testing.T, m *proxy.Metrics, want map[string]int) {
+	t.Helper()
+	for name, n := range want {
+		got, err := testutil.GatherAndCount(m.Registry, name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != n {
+			t.Errorf("%s has %d series, want %d", name, got, n)
+		}
 	}
 }
 
@@ -137,9 +125,9 @@ func TestMaxHandshakes(t *testing.T) {
 	up := startUpstream(t, trustScript(true))
 	svc := testService(up.addr)
 	svc.MaxSessions, svc.MaxHandshakes = 100, 2
-	obs := &limitObserver{}
+	m := proxy.NewMetrics()
 	lim := &limit.Listener{}
-	p := startProxy(t, svc, withObserver(obs), withLimits(lim))
+	p := startProxy(t, svc, withMetrics(m), withLimits(lim))
 
 	// Two connections that never send their startup packet hold both places.
 	slow1 := dialProxy(t, p.addr)
@@ -170,10 +158,11 @@ func TestMaxHandshakes(t *testing.T) {
 	_ = p.wait(t)
 	waitInUse(t, &lim.Handshakes, 0)
 
-	refused, _ := obs.seen()
-	if len(refused) != 2 || refused[0] != "appdb "+RefusedMaxHandshakes {
-		t.Errorf("refusals counted: %v", refused)
+	refused := map[string]string{"protocol": "postgres", "service": "appdb", "reason": RefusedMaxHandshakes}
+	if v := metricValue(t, m, "credproxy_connections_refused_total", refused); v != 2 {
+		t.Errorf("credproxy_connections_refused_total%v = %v, want 2", refused, v)
 	}
+	countSeries(t, m, map[string]int{"credproxy_connections_refused_total": 1})
 	if n := up.connCount(); n != 2 {
 		t.Errorf("upstream saw %d connections, want 2", n)
 	}

@@ -41,7 +41,8 @@ import (
 // well before the credential's end. A session that stays inside one
 // transaction until the end is the only one cut mid-transaction, then.
 
-// Migration results: bounded metric label values.
+// Migration results: bounded metric label values. proxy.Metrics.Migrated
+// records the swap time of a migration whose result is "ok".
 const (
 	MigrationOK         = "ok"
 	MigrationUnmovable  = "ended_unmovable_state"

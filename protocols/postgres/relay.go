@@ -182,8 +182,8 @@ func (r *relay) run(ctx context.Context) error {
 	up.conn.Close()
 	up.handle.Release()
 	if r.client != s.raw { // a TLS client's bytes are counted below the TLS layer
-		s.client.in.Add(r.in.read)
-		s.client.out.Add(r.out)
+		s.client.In.Add(r.in.read)
+		s.client.Out.Add(r.out)
 	}
 
 	var te *errTerminated

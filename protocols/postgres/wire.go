@@ -6,9 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"strings"
-	"sync/atomic"
 
 	"github.com/jackc/pgproto3/v2"
 )
@@ -179,23 +177,4 @@ func (c *cappedReader) Next(n int) ([]byte, error) {
 		return nil, err
 	}
 	return buf, nil
-}
-
-// countingConn counts the bytes a handshake reads and writes; the relay
-// counts its own so that it can use the raw connections (and splice).
-type countingConn struct {
-	net.Conn
-	in, out atomic.Int64
-}
-
-func (c *countingConn) Read(p []byte) (int, error) {
-	n, err := c.Conn.Read(p)
-	c.in.Add(int64(n))
-	return n, err
-}
-
-func (c *countingConn) Write(p []byte) (int, error) {
-	n, err := c.Conn.Write(p)
-	c.out.Add(int64(n))
-	return n, err
 }

@@ -45,7 +45,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/credproxy/credproxy/config"
-	httpproxy "github.com/credproxy/credproxy/protocols/http"
+	"github.com/credproxy/credproxy/protocols/httpproxy"
+	"github.com/credproxy/credproxy/proxy"
 	"github.com/credproxy/credproxy/proxy/audit"
 	"github.com/credproxy/credproxy/proxy/credentials"
 )
@@ -186,12 +187,15 @@ func run(duration, warmup time.Duration, concurrency, newHosts, bodySize, rounds
 	if err != nil {
 		return err
 	}
+	serveCtx, stopServing := context.WithCancel(context.Background())
 	served := make(chan error, 1)
-	go func() { served <- p.Serve(context.Background(), proxyLn) }()
+	go func() { served <- proxy.Serve(serveCtx, proxyLn, p, nil) }()
 	defer func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
+		proxyLn.Close()
 		_ = p.Shutdown(ctx)
+		stopServing()
 		<-served
 	}()
 	proxyURL := &url.URL{Scheme: "http", Host: proxyLn.Addr().String()}

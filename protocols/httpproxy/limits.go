@@ -15,7 +15,7 @@ import (
 
 // Bounds on what one app may hold (http.max_connections, idle_timeout,
 // body_read_timeout, routes[].max_upstream_connections) and the pass-
-// through deny list's answers. Each refusal is counted by the Observer.
+// through deny list's answers. Each refusal is counted in the metrics.
 
 // idleTimeout is http.idle_timeout, or its default.
 func (p *Proxy) idleTimeout() time.Duration {
@@ -32,7 +32,7 @@ var errTooManyConnections = errors.New("httpproxy: too many connections")
 // refuseConn answers a connection over http.max_connections with a 503,
 // before reading anything, and closes it.
 func (p *Proxy) refuseConn(conn net.Conn, sessionID string) error {
-	p.obs.Refused("", RefusedMaxConnections)
+	p.refused("", RefusedMaxConnections)
 	body := fmt.Sprintf("credproxy: too many connections: http.max_connections %d reached; retry later\n", p.cfg.MaxConnections)
 	msg := "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nCache-Control: no-store\r\n" +
 		"Retry-After: 1\r\nConnection: close\r\nContent-Length: " + strconv.Itoa(len(body)) + "\r\n\r\n" + body
@@ -142,14 +142,14 @@ func (x *exchange) limitFailure(err error) *http.Response {
 	}
 	switch {
 	case errors.As(err, &bt):
-		x.p.obs.TimedOut(route, TimeoutBodyRead)
+		x.p.timedOut(route, TimeoutBodyRead)
 		return x.refuse(http.StatusRequestTimeout, "body read timeout", "credproxy: "+bt.Error()+"; request ended", true)
 	case errors.As(err, &ul):
-		x.p.obs.Refused(route, RefusedMaxUpstreamConnections)
+		x.p.refused(route, RefusedMaxUpstreamConnections)
 		return x.refuse(http.StatusServiceUnavailable, "max upstream connections", "credproxy: "+ul.Error()+"; retry later", false)
 	}
 	if de, ok := asDenied(err); ok {
-		x.p.obs.Refused("", RefusedDestination)
+		x.p.refused("", RefusedDestination)
 		return x.refuse(http.StatusForbidden, "destination denied", deniedMessage(x, de), false)
 	}
 	return nil
@@ -164,7 +164,7 @@ func deniedMessage(x *exchange, de *DeniedError) string {
 func (p *Proxy) refuseDestination(x *exchange, client net.Conn, de *DeniedError) {
 	msg := deniedMessage(x, de)
 	x.status, x.reason, x.errMsg = http.StatusForbidden, "destination denied", msg
-	p.obs.Refused("", RefusedDestination)
+	p.refused("", RefusedDestination)
 	_ = client.SetWriteDeadline(time.Now().Add(handshakeTimeout))
 	writeRawResponse(client, http.StatusForbidden, msg)
 }

@@ -83,7 +83,7 @@ func (p *Proxy) onConnect(target string, pctx *goproxy.ProxyCtx) (*goproxy.Conne
 func (p *Proxy) intercept(x *exchange) func(*http.Request, net.Conn, *goproxy.ProxyCtx) {
 	return func(_ *http.Request, client net.Conn, _ *goproxy.ProxyCtx) {
 		t := &tunnel{conn: x.conn, route: x.route, host: x.host, port: x.port, log: x.log}
-		start, in0, out0 := time.Now(), x.conn.in.Load(), x.conn.out.Load()
+		start, in0, out0 := time.Now(), x.conn.In.Load(), x.conn.Out.Load()
 		_ = client.SetWriteDeadline(time.Now().Add(handshakeTimeout))
 		if _, err := io.WriteString(client, "HTTP/1.1 200 Connection established\r\n\r\n"); err != nil {
 			x.log.Debug("client left before the tunnel opened", zap.Error(err))
@@ -91,7 +91,7 @@ func (p *Proxy) intercept(x *exchange) func(*http.Request, net.Conn, *goproxy.Pr
 		}
 		p.sessionStarted(x, true)
 		err := p.serveTunnel(x, t, client)
-		p.sessionEnded(x, start, x.conn.in.Load()-in0, x.conn.out.Load()-out0, err)
+		p.sessionEnded(x, start, x.conn.In.Load()-in0, x.conn.Out.Load()-out0, err)
 	}
 }
 
@@ -221,7 +221,7 @@ func (p *Proxy) passThrough(x *exchange) func(*http.Request, net.Conn, *goproxy.
 			return
 		}
 		defer up.Close()
-		start, in0, out0 := time.Now(), x.conn.in.Load(), x.conn.out.Load()
+		start, in0, out0 := time.Now(), x.conn.In.Load(), x.conn.Out.Load()
 		_ = client.SetWriteDeadline(time.Now().Add(handshakeTimeout))
 		if _, err := io.WriteString(client, "HTTP/1.1 200 Connection established\r\n\r\n"); err != nil {
 			return
@@ -229,7 +229,7 @@ func (p *Proxy) passThrough(x *exchange) func(*http.Request, net.Conn, *goproxy.
 		_ = client.SetWriteDeadline(time.Time{})
 		p.sessionStarted(x, false)
 		err = relay(client, up)
-		p.sessionEnded(x, start, x.conn.in.Load()-in0, x.conn.out.Load()-out0, err)
+		p.sessionEnded(x, start, x.conn.In.Load()-in0, x.conn.Out.Load()-out0, err)
 	}
 }
 

@@ -17,39 +17,16 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/credproxy/credproxy/config"
+	"github.com/credproxy/credproxy/proxy"
 	"github.com/credproxy/credproxy/proxy/credentials"
 )
-
-func (o *countingObserver) Refused(route, reason string) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	o.seen = append(o.seen, fmt.Sprintf("refused %s %s", route, reason))
-}
-
-func (o *countingObserver) TimedOut(route, kind string) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	o.seen = append(o.seen, fmt.Sprintf("timeout %s %s", route, kind))
-}
-
-func (o *countingObserver) has(want string) int {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	n := 0
-	for _, s := range o.seen {
-		if s == want {
-			n++
-		}
-	}
-	return n
-}
 
 // pipeWorld is a proxy and a cleartext upstream joined by net.Pipe, so
 // that a test can run in a synctest bubble: time is virtual, and timeouts
 // are tested by waiting them out in no real time.
 type pipeWorld struct {
 	p       *Proxy
-	obs     *countingObserver
+	metrics *proxy.Metrics
 	audit   *memAudit
 	up      *http.Server
 	upLn    *connListener
@@ -67,7 +44,7 @@ func newPipeWorld(t *testing.T, dir string, tune func(*config.HTTP), handler htt
 	if err := InitCA(dir, io.Discard); err != nil {
 		t.Fatal(err)
 	}
-	w := &pipeWorld{obs: &countingObserver{}, audit: &memAudit{}, upLn: newConnListener(),
+	w := &pipeWorld{metrics: proxy.NewMetrics(), audit: &memAudit{}, upLn: newConnListener(),
 		open: map[string]int{}, maxOpen: map[string]int{}}
 	w.up = &http.Server{Handler: handler, ErrorLog: zap.NewStdLog(zap.NewNop())}
 	w.wg.Add(1)
@@ -89,12 +66,25 @@ func newPipeWorld(t *testing.T, dir string, tune func(*config.HTTP), handler htt
 	if tune != nil {
 		tune(&cfg)
 	}
-	w.p, err = New(Options{Config: cfg, Credentials: w.store, Observer: w.obs, Audit: w.audit,
+	w.p, err = New(Options{Config: cfg, Credentials: w.store, Metrics: w.metrics, Audit: w.audit,
 		DialContext: w.dial})
 	if err != nil {
 		t.Fatal(err)
 	}
 	return w
+}
+
+// checkCounted fails unless metric name has exactly one series, the
+// protocol "http" one with labels, at 1.
+func (w *pipeWorld) checkCounted(t *testing.T, name string, labels map[string]string) {
+	t.Helper()
+	labels["protocol"] = "http"
+	if v := metricValue(t, w.metrics, name, labels); v != 1 {
+		t.Errorf("%s%v = %v, want 1", name, labels, v)
+	}
+	if n := seriesCount(t, w.metrics, name); n != 1 {
+		t.Errorf("%s has %d series, want 1", name, n)
+	}
 }
 
 func (w *pipeWorld) dial(ctx context.Context, _, addr string) (net.Conn, error) {
@@ -220,9 +210,7 @@ func TestBodyReadTimeout(t *testing.T) {
 		if resp.StatusCode != http.StatusRequestTimeout || !strings.Contains(string(b), "http.body_read_timeout") {
 			t.Errorf("stalled body: %d %q, want 408 naming http.body_read_timeout", resp.StatusCode, b)
 		}
-		if w.obs.has("timeout api.test "+TimeoutBodyRead) != 1 {
-			t.Errorf("observer saw %v", w.obs.seen)
-		}
+		w.checkCounted(t, "credproxy_timeouts_total", map[string]string{"service": "api.test", "kind": TimeoutBodyRead})
 
 		// Flowing: one byte every 10s, 20 bytes over 200s.
 		c2, br2 := w.conn()
@@ -318,9 +306,7 @@ func TestMaxConnections(t *testing.T) {
 			t.Error("the refused connection stayed open")
 		}
 		c.Close()
-		if w.obs.has("refused  "+RefusedMaxConnections) != 1 {
-			t.Errorf("observer saw %v", w.obs.seen)
-		}
+		w.checkCounted(t, "credproxy_connections_refused_total", map[string]string{"service": "http", "reason": RefusedMaxConnections})
 
 		idle1.Close()
 		synctest.Wait()
@@ -368,9 +354,7 @@ func TestMaxUpstreamConnections(t *testing.T) {
 		if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(body, "max_upstream_connections (1)") {
 			t.Errorf("over the route's bound: %d %q, want 503 naming max_upstream_connections", resp.StatusCode, body)
 		}
-		if w.obs.has("refused api.test "+RefusedMaxUpstreamConnections) != 1 {
-			t.Errorf("observer saw %v", w.obs.seen)
-		}
+		w.checkCounted(t, "credproxy_connections_refused_total", map[string]string{"service": "api.test", "reason": RefusedMaxUpstreamConnections})
 		close(release)
 		if code := <-slowDone; code != http.StatusOK {
 			t.Errorf("slow request: %d", code)

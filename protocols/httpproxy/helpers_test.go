@@ -27,11 +27,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
 	"github.com/credproxy/credproxy/config"
+	"github.com/credproxy/credproxy/proxy"
 	"github.com/credproxy/credproxy/proxy/audit"
 	"github.com/credproxy/credproxy/proxy/credentials"
 )
@@ -311,15 +313,16 @@ type proxySetup struct {
 	upCA     *testPKI
 	dial     map[string]string
 	fields   map[string]map[string]string // credential name -> fields
-	creds    Credentials                  // overrides fields
+	creds    proxy.Credentials            // overrides fields
 	validity time.Duration
 	renew    time.Duration
 	// realDial uses the proxy's own dialer instead of the dial map.
 	realDial bool
 	// tune adjusts the config before the proxy is built.
-	tune func(*config.HTTP)
-	obs  Observer
-	own  func() []net.Addr
+	tune    func(*config.HTTP)
+	metrics *proxy.Metrics
+	// own lists the process's other listeners; the proxy's own is added.
+	own func() []net.Addr
 }
 
 func headerRoute(host string) config.HTTPRoute {
@@ -375,28 +378,37 @@ func startProxy(t testing.TB, s proxySetup) *testProxy {
 	tp := &testProxy{audit: &memAudit{}, logs: &lockedBuffer{}, bodies: &lockedBuffer{},
 		dialed: &dialLog{routes: s.dial}, cfg: cfg}
 	log := zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig()), tp.logs, zapcore.DebugLevel))
-	o := Options{Config: cfg, Credentials: creds, Audit: tp.audit, Logger: log, Observer: s.obs,
-		DialContext: tp.dialed.dial, certValidity: s.validity, renewInterval: s.renew, OwnAddrs: s.own}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tp.addr = ln.Addr().String()
+	own := func() []net.Addr {
+		addrs := []net.Addr{ln.Addr()}
+		if s.own != nil {
+			addrs = append(addrs, s.own()...)
+		}
+		return addrs
+	}
+	o := Options{Config: cfg, Credentials: creds, Audit: tp.audit, Logger: log, Metrics: s.metrics,
+		DialContext: tp.dialed.dial, certValidity: s.validity, renewInterval: s.renew, OwnAddrs: own}
 	if s.realDial {
 		o.DialContext = nil
 	}
 	p, err := New(o)
 	if err != nil {
+		ln.Close()
 		t.Fatalf("New: %v", err)
 	}
 	tp.p = p
 	tp.caPEM, _ = os.ReadFile(cfg.CA.CertFile)
 	tp.caPool = x509.NewCertPool()
 	tp.caPool.AppendCertsFromPEM(tp.caPEM)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	tp.addr = ln.Addr().String()
+	ctx, stop := context.WithCancel(context.Background())
 	tp.serveWG.Add(1)
 	go func() {
 		defer tp.serveWG.Done()
-		if err := p.Serve(context.Background(), ln); err != nil {
+		if err := proxy.Serve(ctx, ln, p, log); err != nil {
 			t.Errorf("Serve: %v", err)
 		}
 	}()
@@ -404,10 +416,54 @@ func startProxy(t testing.TB, s proxySetup) *testProxy {
 		if err := p.Close(); err != nil {
 			t.Errorf("Close: %v", err)
 		}
+		stop() // closes ln
 		tp.serveWG.Wait()
 		tp.checkNoLeaks(t)
 	})
 	return tp
+}
+
+// metricValue reads the series of metric name whose labels include
+// labels from m's registry: a counter's or a gauge's value; 0 when there
+// is no such series.
+func metricValue(t testing.TB, m *proxy.Metrics, name string, labels map[string]string) float64 {
+	t.Helper()
+	families, err := m.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		if f.GetName() != name {
+			continue
+		}
+	series:
+		for _, s := range f.GetMetric() {
+			have := map[string]string{}
+			for _, lp := range s.GetLabel() {
+				have[lp.GetName()] = lp.GetValue()
+			}
+			for k, v := range labels {
+				if have[k] != v {
+					continue series
+				}
+			}
+			if s.GetGauge() != nil {
+				return s.GetGauge().GetValue()
+			}
+			return s.GetCounter().GetValue()
+		}
+	}
+	return 0
+}
+
+// seriesCount is how many series metric name has in m.
+func seriesCount(t testing.TB, m *proxy.Metrics, name string) int {
+	t.Helper()
+	n, err := testutil.GatherAndCount(m.Registry, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
 
 // checkNoLeaks fails the test if a secret reached a log line, an audit

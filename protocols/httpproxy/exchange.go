@@ -526,7 +526,7 @@ func (x *exchange) finish() {
 	if x.route != nil {
 		routeName = x.route.name()
 	}
-	p.obs.Request(routeName, status, injected)
+	p.request(routeName, status, injected)
 	if ce := x.log.Check(zapcore.DebugLevel, "request"); ce != nil {
 		ce.Write(zap.String("method", method), zap.String("host", host), zap.String("path", path),
 			zap.String("route", routeName), zap.Int("status", status), zap.Bool("injected", injected),
@@ -536,7 +536,7 @@ func (x *exchange) finish() {
 }
 
 func (x *exchange) record(event string) *audit.Record {
-	return &audit.Record{Event: event, SessionID: x.conn.id, Protocol: "http", Service: x.service, Client: x.conn.client}
+	return &audit.Record{Event: event, SessionID: x.conn.id, Protocol: protocolName, Service: x.service, Client: x.conn.client}
 }
 
 // redactedHeaders logs header names with every value REDACTED.

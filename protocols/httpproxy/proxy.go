@@ -24,10 +24,8 @@ package httpproxy
 
 import (
 	"context"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"log"
@@ -42,29 +40,10 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/credproxy/credproxy/config"
+	"github.com/credproxy/credproxy/proxy"
 	"github.com/credproxy/credproxy/proxy/audit"
-	"github.com/credproxy/credproxy/proxy/credentials"
 	"github.com/credproxy/credproxy/proxy/limit"
 )
-
-// Credentials is what the proxy needs from the credential store.
-type Credentials interface {
-	Acquire(ctx context.Context, name string) (*credentials.Handle, error)
-}
-
-// Observer hears about requests, for metrics. It must be cheap and safe
-// for concurrent use. route is the configured route host, "" for a request
-// that matched none.
-type Observer interface {
-	Request(route string, code int, injected bool)
-	// Refused counts a connection or request credproxy turned away to
-	// protect itself or the host, with reason one of the Refused*
-	// constants; route is "" for the listener as a whole.
-	Refused(route, reason string)
-	// TimedOut counts a request ended by a timeout, with kind one of the
-	// Timeout* constants.
-	TimedOut(route, kind string)
-}
 
 // Refusal reasons and timeout kinds: bounded metric label values.
 const (
@@ -77,10 +56,10 @@ const (
 // Options configure a Proxy.
 type Options struct {
 	Config      config.HTTP
-	Credentials Credentials
+	Credentials proxy.Credentials
 	Audit       audit.Sink
 	Logger      *zap.Logger
-	Observer    Observer // nil: no metrics
+	Metrics     *proxy.Metrics // nil: not counted
 
 	// DialContext dials upstream hosts, for routed requests and passed-
 	// through tunnels alike; nil uses a net.Dialer. Tests set it to send
@@ -93,9 +72,9 @@ type Options struct {
 	// proxy a counter of its own.
 	Limits *limit.Listener
 
-	// OwnAddrs lists the process's other listening addresses (admin,
-	// other services), which default: tunnel never passes through to;
-	// the listeners given to Serve are added to them.
+	// OwnAddrs lists the process's listening addresses (the admin
+	// server, every service, the proxy's own listener), which default:
+	// tunnel never passes through to.
 	OwnAddrs func() []net.Addr
 
 	// For tests: certificate lifetime and how often certmagic looks for
@@ -118,10 +97,10 @@ const (
 type Proxy struct {
 	cfg           config.HTTP
 	routes        *routeTable
-	creds         Credentials
+	creds         proxy.Credentials
 	audit         audit.Sink
 	log           *zap.Logger
-	obs           Observer
+	metrics       *proxy.Metrics // nil-safe
 	tunnelDefault bool
 
 	dial      func(ctx context.Context, network, addr string) (net.Conn, error)
@@ -129,7 +108,6 @@ type Proxy struct {
 	limits    *limit.Listener
 	// Passing through (default: tunnel): the dialer checks the deny list.
 	deny          *denyList
-	extraOwn      func() []net.Addr
 	passDial      func(ctx context.Context, network, addr string) (net.Conn, error)
 	passTransport *http.Transport
 	certs         *certManager
@@ -148,13 +126,11 @@ type Proxy struct {
 	drain    context.CancelFunc
 
 	startOnce sync.Once
-	servers   sync.WaitGroup // the two Serve goroutines
-	accepted  sync.WaitGroup // Serve's per-connection goroutines
+	servers   sync.WaitGroup // the two http.Server goroutines
 	active    sync.WaitGroup // ServeConn calls
 
 	mu        sync.Mutex
 	closing   bool
-	listeners map[net.Listener]struct{}
 	conns     map[*clientConn]struct{}
 	closeOnce sync.Once
 }
@@ -188,22 +164,18 @@ func New(opts Options) (*Proxy, error) {
 	}
 
 	p := &Proxy{
-		cfg: cfg, routes: routes, creds: opts.Credentials, audit: opts.Audit, log: opts.Logger, obs: opts.Observer,
+		cfg: cfg, routes: routes, creds: opts.Credentials, audit: opts.Audit, log: opts.Logger, metrics: opts.Metrics,
 		tunnelDefault: cfg.Default == "tunnel",
 		dial:          opts.DialContext,
-		extraOwn:      opts.OwnAddrs,
 		limits:        opts.Limits,
 		outerLn:       newConnListener(), innerLn: newConnListener(),
-		listeners: make(map[net.Listener]struct{}), conns: make(map[*clientConn]struct{}),
+		conns: make(map[*clientConn]struct{}),
 	}
 	if p.audit == nil {
 		p.audit = audit.Discard{}
 	}
 	if p.log == nil {
 		p.log = zap.NewNop()
-	}
-	if p.obs == nil {
-		p.obs = nopObserver{}
 	}
 	if p.dial == nil {
 		d := &net.Dialer{KeepAlive: 30 * time.Second}
@@ -216,7 +188,7 @@ func New(opts Options) (*Proxy, error) {
 	if deny == nil {
 		deny = config.DefaultTunnelDeny
 	}
-	if p.deny, err = newDenyList(deny, p.ownAddrs); err != nil {
+	if p.deny, err = newDenyList(deny, opts.OwnAddrs); err != nil {
 		return nil, err
 	}
 	p.passDial = p.passDialer(opts.DialContext)
@@ -270,12 +242,6 @@ func New(opts Options) (*Proxy, error) {
 	p.inner = p.newServer(http.HandlerFunc(p.serveInner), "inner")
 	return p, nil
 }
-
-type nopObserver struct{}
-
-func (nopObserver) Request(string, int, bool) {}
-func (nopObserver) Refused(string, string)    {}
-func (nopObserver) TimedOut(string, string)   {}
 
 func (p *Proxy) newServer(h http.Handler, name string) *http.Server {
 	return &http.Server{
@@ -344,66 +310,8 @@ func (p *Proxy) start() {
 	})
 }
 
-// ErrClosed is returned by Serve and ServeConn once the proxy is shutting
-// down.
+// ErrClosed is returned by ServeConn once the proxy is shutting down.
 var ErrClosed = errors.New("httpproxy: proxy closed")
-
-// Serve accepts connections on ln and serves each until it ends. It blocks
-// until ln is closed — by Shutdown, Close, the caller, or ctx ending — and
-// then returns nil (or the accept error). Cancelling ctx also closes the
-// connections Serve accepted.
-func (p *Proxy) Serve(ctx context.Context, ln net.Listener) error {
-	p.mu.Lock()
-	if p.closing {
-		p.mu.Unlock()
-		return ErrClosed
-	}
-	p.listeners[ln] = struct{}{}
-	p.mu.Unlock()
-	defer func() {
-		p.mu.Lock()
-		delete(p.listeners, ln)
-		p.mu.Unlock()
-	}()
-	stop := context.AfterFunc(ctx, func() { ln.Close() })
-	defer stop()
-
-	var backoff time.Duration
-	for {
-		conn, err := ln.Accept()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return nil
-			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
-			}
-			// Out of file descriptors and the like: wait, don't spin.
-			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			p.log.Error("accept failed", zap.Error(err), zap.Duration("retry_in", backoff))
-			select {
-			case <-time.After(backoff):
-				continue
-			case <-ctx.Done():
-				return nil
-			}
-		}
-		backoff = 0
-		p.mu.Lock()
-		if p.closing {
-			p.mu.Unlock()
-			conn.Close()
-			return nil
-		}
-		p.accepted.Add(1)
-		p.mu.Unlock()
-		go func() {
-			defer p.accepted.Done()
-			_ = p.ServeConn(ctx, conn, newSessionID())
-		}()
-	}
-}
 
 // ServeConn serves one accepted connection until it ends and closes it; it
 // blocks until then. sessionID names the connection in logs and the audit
@@ -441,8 +349,8 @@ func (p *Proxy) ServeConn(ctx context.Context, conn net.Conn, sessionID string) 
 	return nil
 }
 
-// Shutdown stops accepting (it closes every listener given to Serve),
-// lets requests in flight and open tunnels finish, and returns once they
+// Shutdown stops accepting (ServeConn refuses new connections), lets
+// requests in flight and open tunnels finish, and returns once they
 // have. Idle kept-alive connections are closed at once. When ctx ends
 // first, Close ends everything still open and Shutdown returns ctx's
 // error. It is safe to call more than once, and with Close.
@@ -476,10 +384,10 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	}
 }
 
-// Close closes the listeners and every connection now, cancels requests
-// in flight, waits for every goroutine the proxy started (connections,
-// tunnels, the HTTP servers, certmagic's maintenance), and drops idle
-// upstream connections. It is idempotent.
+// Close closes every connection now, cancels requests in flight, waits
+// for every goroutine the proxy started (connections, tunnels, the HTTP
+// servers, certmagic's maintenance) and for every ServeConn to return,
+// and drops idle upstream connections. It is idempotent.
 func (p *Proxy) Close() error {
 	p.closeOnce.Do(func() {
 		p.stopAccepting()
@@ -496,7 +404,6 @@ func (p *Proxy) Close() error {
 			c.Close()
 		}
 		p.active.Wait()
-		p.accepted.Wait()
 		p.servers.Wait()
 		p.transport.CloseIdleConnections()
 		p.passTransport.CloseIdleConnections()
@@ -510,19 +417,12 @@ func (p *Proxy) Close() error {
 	return nil
 }
 
-// stopAccepting refuses new connections and closes Serve's listeners.
+// stopAccepting makes ServeConn refuse new connections.
 func (p *Proxy) stopAccepting() {
 	p.drain()
 	p.mu.Lock()
 	p.closing = true
-	lns := make([]net.Listener, 0, len(p.listeners))
-	for ln := range p.listeners {
-		lns = append(lns, ln)
-	}
 	p.mu.Unlock()
-	for _, ln := range lns {
-		ln.Close()
-	}
 	p.outerLn.Close()
 }
 
@@ -534,13 +434,6 @@ func stdLog(l *zap.Logger) *log.Logger {
 		return zap.NewStdLog(l)
 	}
 	return sl
-}
-
-// newSessionID returns 96 random bits in hex.
-func newSessionID() string {
-	var b [12]byte
-	_, _ = rand.Read(b[:])
-	return hex.EncodeToString(b[:])
 }
 
 // goproxyLogger sends goproxy's messages to zap at debug level. goproxy

@@ -66,7 +66,7 @@ func TestCheck(t *testing.T) {
 			c := good
 			c.Routes = append([]config.HTTPRoute(nil), good.Routes...)
 			tt.edit(&c)
-			errs := Check(c)
+			errs := check(c)
 			if len(errs) != len(tt.want) {
 				t.Fatalf("Check = %q, want %d problems %q", errs, len(tt.want), tt.want)
 			}

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/credproxy/credproxy/config"
+	"github.com/credproxy/credproxy/proxy"
 	"github.com/credproxy/credproxy/proxy/audit"
 )
 
@@ -54,30 +55,13 @@ func (h *helloServer) port() string {
 	return p
 }
 
-// refusedObserver records refusals.
-type refusedObserver struct {
-	countingObserver
-}
-
-func (o *refusedObserver) count(want string) int {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	n := 0
-	for _, s := range o.seen {
-		if s == want {
-			n++
-		}
-	}
-	return n
-}
-
 // Under default: tunnel, the real dialer refuses loopback, link-local and
 // unspecified destinations, whether named by address or by a name that
 // resolves to one, on CONNECT and on plain-HTTP pass-through alike.
 func TestTunnelDenyDefaultList(t *testing.T) {
 	target := startHello(t, "127.0.0.1:0")
-	obs := &refusedObserver{}
-	tp := startProxy(t, proxySetup{def: "tunnel", realDial: true, obs: obs})
+	m := proxy.NewMetrics()
+	tp := startProxy(t, proxySetup{def: "tunnel", realDial: true, metrics: m})
 	port := target.port()
 
 	connects := []string{
@@ -125,8 +109,12 @@ func TestTunnelDenyDefaultList(t *testing.T) {
 	if rec.Status != http.StatusForbidden {
 		t.Errorf("denied record status %d", rec.Status)
 	}
-	if n := obs.count("refused  " + RefusedDestination); n != len(connects)+len(gets) {
-		t.Errorf("observer counted %d refusals, want %d", n, len(connects)+len(gets))
+	refused := map[string]string{"protocol": "http", "service": "http", "reason": RefusedDestination}
+	if n := metricValue(t, m, "credproxy_connections_refused_total", refused); n != float64(len(connects)+len(gets)) {
+		t.Errorf("credproxy_connections_refused_total%v = %v, want %d", refused, n, len(connects)+len(gets))
+	}
+	if n := seriesCount(t, m, "credproxy_connections_refused_total"); n != 1 {
+		t.Errorf("credproxy_connections_refused_total has %d series, want 1", n)
 	}
 }
 

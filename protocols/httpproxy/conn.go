@@ -14,25 +14,26 @@ import (
 	"time"
 
 	"github.com/credproxy/credproxy/identity"
+	"github.com/credproxy/credproxy/proxy"
 	"github.com/credproxy/credproxy/proxy/audit"
 )
 
-// clientConn is one app connection. It counts bytes, and finished is
-// closed once the HTTP server is done with it: when the server closed it,
-// or when the handler that hijacked it (a CONNECT, a WebSocket) returned.
+// clientConn is one app connection. It counts bytes (In, Out), and
+// finished is closed once the HTTP server is done with it: when the
+// server closed it, or when the handler that hijacked it (a CONNECT, a
+// WebSocket) returned.
 type clientConn struct {
-	net.Conn
+	*proxy.CountingConn
 	id     string
 	client audit.Client
 
-	in, out  atomic.Int64
 	once     sync.Once
 	closeErr error
 	served
 }
 
 func newClientConn(c net.Conn, id string) *clientConn {
-	return &clientConn{Conn: c, id: id, served: newServed(),
+	return &clientConn{CountingConn: proxy.NewCountingConn(c), id: id, served: newServed(),
 		client: audit.Client{Addr: identity.ClientAddr(c), Identity: identity.Peer(c)}}
 }
 
@@ -51,26 +52,11 @@ func (s *served) markFinished() { s.finishedOnce.Do(func() { close(s.finished) }
 // finisher is implemented by the connections handed to the servers.
 type finisher interface{ markFinished() }
 
-func (c *clientConn) Read(b []byte) (int, error) {
-	n, err := c.Conn.Read(b)
-	c.in.Add(int64(n))
-	return n, err
-}
-
-func (c *clientConn) Write(b []byte) (int, error) {
-	n, err := c.Conn.Write(b)
-	c.out.Add(int64(n))
-	return n, err
-}
-
 // Close closes the connection once.
 func (c *clientConn) Close() error {
 	c.once.Do(func() { c.closeErr = c.Conn.Close() })
 	return c.closeErr
 }
-
-// CloseWrite half-closes a TCP connection (tunnels pass EOF on).
-func (c *clientConn) CloseWrite() error { return closeWrite(c.Conn) }
 
 func closeWrite(c net.Conn) error {
 	if cw, ok := c.(interface{ CloseWrite() error }); ok {
@@ -95,27 +81,6 @@ func newReplayConn(c net.Conn, buffered []byte) net.Conn {
 
 func (c *replayConn) Read(b []byte) (int, error) { return c.r.Read(b) }
 func (c *replayConn) CloseWrite() error          { return closeWrite(c.Conn) }
-
-// countConn adds what passes through a hijacked connection to a request's
-// byte counts (WebSocket frames).
-type countConn struct {
-	net.Conn
-	in, out *atomic.Int64
-}
-
-func (c *countConn) Read(b []byte) (int, error) {
-	n, err := c.Conn.Read(b)
-	c.in.Add(int64(n))
-	return n, err
-}
-
-func (c *countConn) Write(b []byte) (int, error) {
-	n, err := c.Conn.Write(b)
-	c.out.Add(int64(n))
-	return n, err
-}
-
-func (c *countConn) CloseWrite() error { return closeWrite(c.Conn) }
 
 // connListener feeds connections to an http.Server: ServeConn and the
 // interception tunnels hand them over one at a time.
@@ -221,7 +186,8 @@ func (rw *respWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	}
 	c := newReplayConn(conn, buffered)
 	if !rw.x.connect {
-		c = &countConn{Conn: c, in: &rw.x.bytesIn, out: &rw.x.bytesOut}
+		// What passes through a WebSocket counts as the request's bytes.
+		c = &proxy.CountingConn{Conn: c, In: &rw.x.bytesIn, Out: &rw.x.bytesOut}
 	}
 	rw.hijacked = c
 	return c, bufio.NewReadWriter(bufio.NewReader(c), bufio.NewWriter(c)), nil

@@ -35,8 +35,8 @@ func (e *DeniedError) Error() string {
 // denyList checks pass-through destinations.
 type denyList struct {
 	prefixes []netip.Prefix
-	// own lists credproxy's listening addresses: the proxy's own (from
-	// Serve) and the rest of the process's (Options.OwnAddrs).
+	// own lists credproxy's listening addresses, the proxy's own among
+	// them (Options.OwnAddrs); nil lists none.
 	own func() []net.Addr
 	// localAddrs lists the host's interface addresses, for listeners
 	// bound to an unspecified address.
@@ -141,21 +141,6 @@ func (p *Proxy) passDialer(injected func(ctx context.Context, network, addr stri
 		}
 		return injected(ctx, network, addr)
 	}
-}
-
-// ownAddrs lists the listeners given to Serve and those Options.OwnAddrs
-// names.
-func (p *Proxy) ownAddrs() []net.Addr {
-	p.mu.Lock()
-	out := make([]net.Addr, 0, len(p.listeners))
-	for ln := range p.listeners {
-		out = append(out, ln.Addr())
-	}
-	p.mu.Unlock()
-	if p.extraOwn != nil {
-		out = append(out, p.extraOwn()...)
-	}
-	return out
 }
 
 // asDenied reports whether err is a refused pass-through destination.

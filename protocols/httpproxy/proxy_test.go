@@ -17,6 +17,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/credproxy/credproxy/config"
+	"github.com/credproxy/credproxy/proxy"
 	"github.com/credproxy/credproxy/proxy/audit"
 	"github.com/credproxy/credproxy/proxy/credentials"
 )
@@ -565,9 +566,17 @@ func TestShutdownDrainsAndCloseEnds(t *testing.T) {
 	shut := make(chan error, 1)
 	go func() { shut <- tp.p.Shutdown(context.Background()) }()
 	time.Sleep(100 * time.Millisecond)
-	if _, err := net.DialTimeout("tcp", tp.addr, time.Second); err == nil {
-		t.Error("still accepting after Shutdown")
+	// The listener is its server's to close; the proxy closes what it is
+	// handed from now on, unserved.
+	nc, err := net.DialTimeout("tcp", tp.addr, time.Second)
+	if err != nil {
+		t.Fatal(err)
 	}
+	nc.SetDeadline(time.Now().Add(ioTimeout))
+	if b, err := io.ReadAll(nc); err != nil || len(b) != 0 {
+		t.Errorf("a connection after Shutdown got %q, %v; want it closed unserved", b, err)
+	}
+	nc.Close()
 	select {
 	case err := <-shut:
 		t.Fatalf("Shutdown returned %v with a request in flight", err)
@@ -680,18 +689,7 @@ func TestDebugLogRedactsHeaderValues(t *testing.T) {
 	}
 }
 
-type countingObserver struct {
-	mu   sync.Mutex
-	seen []string
-}
-
-func (o *countingObserver) Request(route string, code int, injected bool) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	o.seen = append(o.seen, fmt.Sprintf("%s %d %v", route, code, injected))
-}
-
-func TestServeConnAndObserver(t *testing.T) {
+func TestServeConnAndMetrics(t *testing.T) {
 	pki := newTestPKI(t)
 	up := startUpstream(t, pki, "api.test")
 	dir := t.TempDir()
@@ -701,11 +699,11 @@ func TestServeConnAndObserver(t *testing.T) {
 	st, _ := credentials.NewStatic(map[string]string{"token": testToken})
 	store := credentials.NewStore(map[string]credentials.Source{"tok": st}, credentials.Options{})
 	defer store.Close(context.Background())
-	obs := &countingObserver{}
+	m := proxy.NewMetrics()
 	p, err := New(Options{
 		Config: config.HTTP{CA: config.HTTPCA{CertFile: dir + "/" + CACertFile, KeyFile: dir + "/" + CAKeyFile},
 			UpstreamCAFile: pki.file, Routes: []config.HTTPRoute{headerRoute("api.test")}},
-		Credentials: store, Observer: obs,
+		Credentials: store, Metrics: m,
 		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
 			var d net.Dialer
 			return d.DialContext(ctx, network, up.addr())
@@ -732,10 +730,12 @@ func TestServeConnAndObserver(t *testing.T) {
 		t.Fatal("ServeConn did not return after its context ended")
 	}
 	client.Close()
-	obs.mu.Lock()
-	defer obs.mu.Unlock()
-	if len(obs.seen) != 1 || obs.seen[0] != "api.test 200 true" {
-		t.Errorf("observer saw %v", obs.seen)
+	want := map[string]string{"route": "api.test", "code": "200", "injected": "true"}
+	if v := metricValue(t, m, "credproxy_http_requests_total", want); v != 1 {
+		t.Errorf("credproxy_http_requests_total%v = %v, want 1", want, v)
+	}
+	if n := seriesCount(t, m, "credproxy_http_requests_total"); n != 1 {
+		t.Errorf("credproxy_http_requests_total has %d series, want 1", n)
 	}
 	if err := p.Close(); err != nil {
 		t.Error(err)
