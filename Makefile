@@ -14,13 +14,14 @@ STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # Go files to format-check: everything but VCS data, scratch and test data.
 GOFILES = $(shell find . -name '*.go' -not -path './.git/*' -not -path './.tmp/*' -not -path '*/testdata/*' -not -path './vendor/*')
 
-.PHONY: build test test-short fuzz integration lint lint-fmt lint-vet lint-staticcheck lint-tidy bench demo clean help
+.PHONY: build test test-short fuzz integration kube-bins lint lint-fmt lint-vet lint-staticcheck lint-tidy bench demo clean help
 
 build: ## bin/credproxy, versioned by git describe
 	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/credproxy ./cmd/credproxy
 
-test: ## deps, go vet, every test with -race, then a short run of every fuzz target
+test: ## deps, kube-apiserver and etcd, go vet, every test with -race, then a short run of every fuzz target
 	bash scripts/deps.sh
+	bash scripts/kube-bins.sh >/dev/null
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 20m ./...
 	$(MAKE) --no-print-directory fuzz
@@ -40,11 +41,16 @@ fuzz: ## FUZZTIME (10s) of every Fuzz* target in the repo
 	done; \
 	echo "fuzz: $$found targets fuzzed"
 
+# Cached by version outside the tree (see the script); make clean leaves it.
+kube-bins: ## build (or find cached) the kube-apiserver and etcd that integration/kubetest runs
+	bash scripts/kube-bins.sh
+
 test-short: ## quick unit tests
 	$(GO) test -short ./...
 
 integration: ## end-to-end tests against real daemons
 	bash scripts/deps.sh
+	bash scripts/kube-bins.sh >/dev/null
 	$(GO) test -race -count=1 ./integration/...
 
 # `make -k lint` reports every check's findings, not only the first.
