@@ -67,9 +67,10 @@ const (
 
 // Options configures Start. The zero value is what most tests want.
 type Options struct {
-	// APIServerArgs are appended to kube-apiserver's command line; a flag
-	// given here overrides Start's (the last occurrence wins), e.g.
-	// "--feature-gates=...".
+	// APIServerArgs are appended to kube-apiserver's command line, e.g.
+	// "--feature-gates=...". A single-valued flag given here overrides
+	// Start's (the last occurrence wins); a list flag such as
+	// --enable-admission-plugins adds to it.
 	APIServerArgs []string
 }
 

@@ -190,7 +190,8 @@ func testCluster(t *testing.T, c *Cluster) {
 			t.Errorf("claims kubernetes.io = %+v, want pod %s on node %s", claims.Kubernetes, pod.Name, node.Name)
 		}
 
-		// Deleting the pod kills its tokens.
+		// Deleting the pod kills its tokens, once the API server's
+		// authentication cache (10 s) has let go of it.
 		if err := c.Client.CoreV1().Pods(ns).Delete(ctx, pod.Name, metav1.DeleteOptions{GracePeriodSeconds: ptr.To[int64](0)}); err != nil {
 			t.Fatal(err)
 		}
