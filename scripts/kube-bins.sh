@@ -9,8 +9,9 @@
 # The binaries go to $KUBE_BINDIR if set, else to
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/credproxy/kube/kubernetes-<version>-etcd-<version>/
 # which is where kubetest looks for them (it honours KUBE_BINDIR too). A stamp
-# there records what they were built from (go.mod, go.sum, this script), so a
-# later run returns at once, and a change to any of those rebuilds.
+# there records what they were built from (go.mod, go.sum, the build command,
+# the CRDs' source), so a later run returns at once, and a change to any of
+# those rebuilds.
 #
 # A cold build compiles all of kube-apiserver from source: about 15 minutes of
 # CPU time, minutes of wall time on 2 cores (see the timing it prints). It
@@ -51,8 +52,21 @@ etcd_version=$(version_of go.etcd.io/etcd/server/v3) || die "cannot read the etc
 [[ $kube_version =~ ^v1\.([0-9]+)\.[0-9]+$ ]] || die "k8s.io/kubernetes $kube_version is not a v1.MINOR.PATCH release"
 kube_minor=${BASH_REMATCH[1]}
 
+# One go build for both: they share most of their dependencies (gRPC, the
+# etcd client, protobuf), which are then compiled once.
+kpkg=k8s.io/component-base/version
+ldflags="-s -w -X $kpkg.gitVersion=$kube_version -X $kpkg.gitMajor=1 -X $kpkg.gitMinor=$kube_minor -X $kpkg.gitTreeState=clean"
+build=(go build -trimpath -ldflags "$ldflags")
+pkgs=(k8s.io/kubernetes/cmd/kube-apiserver go.etcd.io/etcd/server/v3)
+
 dir=${KUBE_BINDIR:-${XDG_CACHE_HOME:-$HOME/.cache}/credproxy/kube/kubernetes-$kube_version-etcd-$etcd_version}
-stamp=$(cat "$mod/go.mod" "$mod/go.sum" "$0" | sha256sum | cut -d' ' -f1)
+# What the output depends on, and nothing else: editing a comment here must
+# not cost a rebuild.
+stamp=$({
+	cat "$mod/go.mod" "$mod/go.sum"
+	echo "CGO_ENABLED=$CGO_ENABLED ${build[*]} ${pkgs[*]}"
+	echo "$prometheus_operator $podmonitor_crd"
+} | sha256sum | cut -d' ' -f1)
 
 cached() {
 	[[ -x $dir/kube-apiserver && -x $dir/etcd && -f $dir/crds/${podmonitor_crd##*/} &&
@@ -73,17 +87,11 @@ rm -f "$dir/stamp"
 tmp=$(mktemp -d "$dir/.build.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 
-# One go build for both: they share most of their dependencies (gRPC, the
-# etcd client, protobuf), which are then compiled once. A main package in
-# go.etcd.io/etcd/server/v3 is named "server".
-kpkg=k8s.io/component-base/version
-ldflags="-s -w -X $kpkg.gitVersion=$kube_version -X $kpkg.gitMajor=1 -X $kpkg.gitMinor=$kube_minor -X $kpkg.gitTreeState=clean"
 start=$SECONDS
 (cd "$mod" && go mod download) || die "go mod download failed in $mod"
 downloaded=$SECONDS
-(cd "$mod" && go build -trimpath -ldflags "$ldflags" -o "$tmp/" \
-	k8s.io/kubernetes/cmd/kube-apiserver go.etcd.io/etcd/server/v3) || die "go build failed in $mod"
-mv "$tmp/server" "$tmp/etcd"
+(cd "$mod" && "${build[@]}" -o "$tmp/" "${pkgs[@]}") || die "go build failed in $mod"
+mv "$tmp/server" "$tmp/etcd" # the main package of go.etcd.io/etcd/server/v3 builds as "server"
 
 "$tmp/kube-apiserver" --version | grep -qx "Kubernetes $kube_version" ||
 	die "the kube-apiserver built says $("$tmp/kube-apiserver" --version), want Kubernetes $kube_version"
