@@ -19,11 +19,25 @@ GOFILES = $(shell find . -name '*.go' -not -path './.git/*' -not -path './.tmp/*
 build: ## bin/credproxy, versioned by git describe
 	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/credproxy ./cmd/credproxy
 
-test: ## deps, kube-apiserver and etcd, go vet, every test with -race, then a short run of every fuzz target
+# The packages whose tests run a Kubernetes API server (they import
+# integration/kubetest), and the others.
+KUBE_PKGS = $(shell $(GO) list -f '{{.ImportPath}}{{range .TestImports}} {{.}}{{end}}{{range .XTestImports}} {{.}}{{end}}' ./... | \
+	grep -w 'github.com/credproxy/credproxy/integration/kubetest' | cut -d' ' -f1)
+OTHER_PKGS = $(filter-out $(KUBE_PKGS),$(shell $(GO) list ./...))
+
+# scripts/kube-bins.sh takes minutes on a fresh machine (it compiles
+# kube-apiserver) and a fraction of a second once cached: it runs beside vet
+# and the tests that do not need its binaries, using the cores they leave idle
+# (the integration tests mostly wait on daemons); the tests that do need them
+# run after it.
+test: ## deps, go vet, every test with -race (kube-apiserver and etcd built meanwhile), then a short run of every fuzz target
 	bash scripts/deps.sh
-	bash scripts/kube-bins.sh >/dev/null
-	$(GO) vet ./...
-	$(GO) test -race -count=1 -timeout 20m ./...
+	@mkdir -p .tmp
+	@bash scripts/kube-bins.sh >.tmp/kube-bins.log 2>&1 & kube_bins=$$!; \
+	rc=0; $(GO) vet ./... && $(GO) test -race -count=1 -timeout 20m $(OTHER_PKGS) || rc=$$?; \
+	wait $$kube_bins || { cat .tmp/kube-bins.log; echo "scripts/kube-bins.sh failed" >&2; exit 1; }; \
+	cat .tmp/kube-bins.log; exit $$rc
+	$(GO) test -race -count=1 -timeout 20m $(KUBE_PKGS)
 	$(MAKE) --no-print-directory fuzz
 
 # Every `func FuzzXxx(f *testing.F)` in a _test.go file, found anew each run,
