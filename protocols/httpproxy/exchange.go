@@ -232,6 +232,9 @@ func (x *exchange) decide(req *http.Request) *http.Response {
 		}
 		x.host, x.port, x.service = host, port, host
 		x.route = p.routes.match(host, port, def)
+		if err := p.workloadAllows(x.route); err != nil {
+			return x.refuse(http.StatusForbidden, err.Reason, "credproxy: "+err.Msg, false)
+		}
 		if x.route == nil {
 			if p.tunnelDefault {
 				x.scheme = requested
@@ -536,7 +539,8 @@ func (x *exchange) finish() {
 }
 
 func (x *exchange) record(event string) *audit.Record {
-	return &audit.Record{Event: event, SessionID: x.conn.id, Protocol: protocolName, Service: x.service, Client: x.conn.client}
+	return &audit.Record{Event: event, SessionID: x.conn.id, Protocol: protocolName, Service: x.service, Client: x.conn.client,
+		Workload: x.conn.workload}
 }
 
 // redactedHeaders logs header names with every value REDACTED.

@@ -42,6 +42,10 @@ type Options struct {
 	// engine shares one between the handlers a reload swaps, so the
 	// counts carry over; nil gives the handler counters of its own.
 	Limits *limit.Listener
+	// Workload is the pod this handler serves in DaemonSet mode: each
+	// connection is admitted by it and each record carries it. Nil
+	// otherwise.
+	Workload *proxy.WorkloadPolicy
 }
 
 // Handler serves app connections for one configured Postgres service.
@@ -54,6 +58,8 @@ type Handler struct {
 	log          *zap.Logger
 	obs          *proxy.Metrics // counts sessions; nil-safe
 	limits       *limit.Listener
+	workload     *proxy.WorkloadPolicy
+	auditWL      *audit.Workload
 
 	tls       *tls.Config // to the upstream; nil for mode disable
 	clientTLS *tls.Config // offered to apps; nil when not configured
@@ -72,6 +78,8 @@ func NewHandler(o Options) (*Handler, error) {
 		log:          o.Logger,
 		obs:          o.Metrics,
 		limits:       o.Limits,
+		workload:     o.Workload,
+		auditWL:      o.Workload.AuditWorkload(),
 		keepAlive:    30 * time.Second,
 	}
 	if h.limits == nil {
@@ -255,6 +263,14 @@ func (s *session) run(ctx context.Context) error {
 	if err != nil || params == nil {
 		return err
 	}
+	// DaemonSet mode: the connection must come from the socket's pod, and
+	// the pod must be allowed the service.
+	if err := h.workload.Admit(s.client.Conn); err != nil {
+		return s.deny(err, out)
+	}
+	if err := h.workload.Allowed(h.cfg.Name); err != nil {
+		return s.deny(err, out)
+	}
 	if err := s.takeSession(); err != nil {
 		return s.deny(err, out)
 	}
@@ -404,7 +420,7 @@ func (s *session) appendHandover(dst []byte, up *upstream, key *pgproto3.Backend
 func (s *session) record(event string) *audit.Record {
 	return &audit.Record{
 		Event: event, SessionID: s.id, Protocol: protocolName, Service: s.h.cfg.Name,
-		Client: s.clientInfo,
+		Client: s.clientInfo, Workload: s.h.auditWL,
 	}
 }
 
@@ -440,6 +456,10 @@ func clientError(err error) (*pgproto3.ErrorResponse, string) {
 			return ue.resp, ue.reason
 		}
 		return fatal(ue.code, "credproxy: "+ue.Error()), ue.reason
+	}
+	var we *proxy.WorkloadError
+	if errors.As(err, &we) {
+		return fatal(codeInvalidAuthorization, "credproxy: "+we.Msg), we.Reason
 	}
 	var tm *tooManyError
 	if errors.As(err, &tm) {

@@ -1,0 +1,169 @@
+package identity
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+
+	"golang.org/x/sys/unix"
+)
+
+func (n *Netns) proc(parts ...string) string {
+	root := n.ProcRoot
+	if root == "" {
+		root = "/proc"
+	}
+	return filepath.Join(append([]string{root}, parts...)...)
+}
+
+// PodNetns opens the network namespace of pod podUID, from a process in
+// the pod's cgroup, and returns it with its inode (which tells a
+// recreated sandbox's namespace from the old one). The process is held
+// with a pidfd while its namespace is opened, so a PID reused meanwhile
+// cannot hand over another namespace. ErrNoPodProcess: none runs yet;
+// ErrHostNetwork: the pod is in the host's namespace (that of PID 1).
+func (n *Netns) PodNetns(podUID string) (*os.File, uint64, error) {
+	entries, err := os.ReadDir(n.proc())
+	if err != nil {
+		return nil, 0, err
+	}
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid <= 1 {
+			continue
+		}
+		content, err := os.ReadFile(n.proc(e.Name(), "cgroup"))
+		if err != nil {
+			continue
+		}
+		if uid, ok := CgroupPodUID(string(content)); !ok || uid != podUID {
+			continue
+		}
+		f, ino, err := n.open(pid, podUID)
+		if err != nil {
+			continue // exited meanwhile: try the next
+		}
+		if host, err := os.Stat(n.proc("1", "ns", "net")); err == nil {
+			if st, ok := host.Sys().(*unix.Stat_t); ok && st.Ino == ino {
+				f.Close()
+				return nil, 0, ErrHostNetwork
+			}
+		}
+		return f, ino, nil
+	}
+	return nil, 0, ErrNoPodProcess
+}
+
+// open opens pid's network namespace while a pidfd holds pid, and checks
+// afterwards that pid is still that process and still in the pod.
+func (n *Netns) open(pid int, podUID string) (*os.File, uint64, error) {
+	pidfd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return nil, 0, err
+	}
+	defer unix.Close(pidfd)
+	f, err := os.Open(n.proc(strconv.Itoa(pid), "ns", "net"))
+	if err != nil {
+		return nil, 0, err
+	}
+	content, err := os.ReadFile(n.proc(strconv.Itoa(pid), "cgroup"))
+	if err == nil {
+		err = unix.PidfdSendSignal(pidfd, 0, nil, 0)
+	}
+	if err != nil {
+		f.Close()
+		return nil, 0, err
+	}
+	if uid, ok := CgroupPodUID(string(content)); !ok || uid != podUID {
+		f.Close()
+		return nil, 0, errors.New("the process left the pod")
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		f.Close()
+		return nil, 0, err
+	}
+	return f, st.Ino, nil
+}
+
+// Listen binds a TCP listener on addr inside network namespace ns. The
+// socket is created on an OS thread switched into ns and stays in it;
+// the thread switches back before it is released, and is discarded if it
+// cannot.
+func (n *Netns) Listen(ns *os.File, addr string) (net.Listener, error) {
+	type result struct {
+		ln  net.Listener
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		self, err := os.Open(fmt.Sprintf("/proc/%d/task/%d/ns/net", unix.Getpid(), unix.Gettid()))
+		if err != nil {
+			runtime.UnlockOSThread()
+			ch <- result{err: err}
+			return
+		}
+		defer self.Close()
+		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
+			ch <- result{err: fmt.Errorf("enter the pod's network namespace: %w", err)}
+			return
+		}
+		ln, lerr := net.Listen("tcp", addr)
+		if err := unix.Setns(int(self.Fd()), unix.CLONE_NEWNET); err != nil {
+			// The thread stays locked and dies with this goroutine.
+			if ln != nil {
+				ln.Close()
+			}
+			ch <- result{err: fmt.Errorf("leave the pod's network namespace: %w", err)}
+			return
+		}
+		runtime.UnlockOSThread()
+		ch <- result{ln, lerr}
+	}()
+	r := <-ch
+	return r.ln, r.err
+}
+
+// Dial connects to addr from inside network namespace ns, as a process in
+// the pod would (for tests and probes).
+func (n *Netns) Dial(ns *os.File, network, addr string) (net.Conn, error) {
+	type result struct {
+		c   net.Conn
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		self, err := os.Open(fmt.Sprintf("/proc/%d/task/%d/ns/net", unix.Getpid(), unix.Gettid()))
+		if err != nil {
+			runtime.UnlockOSThread()
+			ch <- result{err: err}
+			return
+		}
+		defer self.Close()
+		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
+			ch <- result{err: err}
+			return
+		}
+		d := net.Dialer{Timeout: 5e9}
+		c, derr := d.Dial(network, addr)
+		if err := unix.Setns(int(self.Fd()), unix.CLONE_NEWNET); err != nil {
+			if c != nil {
+				c.Close()
+			}
+			ch <- result{err: err}
+			return
+		}
+		runtime.UnlockOSThread()
+		ch <- result{c, derr}
+	}()
+	r := <-ch
+	return r.c, r.err
+}
