@@ -34,6 +34,7 @@ type Metrics struct {
 	migrationSwap    *prometheus.HistogramVec
 	refused          *prometheus.CounterVec
 	timeouts         *prometheus.CounterVec
+	workloads        *workloadMetrics
 }
 
 // NewMetrics registers every metric, with the Go and process collectors, on
@@ -65,7 +66,8 @@ func NewMetrics() *Metrics {
 		refused: f.counter("connections_refused_total", "Connections and requests turned away by credproxy's own limits "+
 			"(max_connections, max_sessions, max_handshakes, max_upstream_connections) or its tunnel deny list (destination_denied).",
 			"protocol", "service", "reason"),
-		timeouts: f.counter("timeouts_total", "Requests ended by a timeout, by kind (body_read).", "protocol", "service", "kind"),
+		timeouts:  f.counter("timeouts_total", "Requests ended by a timeout, by kind (body_read).", "protocol", "service", "kind"),
+		workloads: newWorkloadMetrics(f),
 	}
 	return m
 }
