@@ -24,13 +24,30 @@ func (n *Netns) proc(parts ...string) string {
 // the pod's cgroup, and returns it with its inode (which tells a
 // recreated sandbox's namespace from the old one). The process is held
 // with a pidfd while its namespace is opened, so a PID reused meanwhile
-// cannot hand over another namespace. ErrNoPodProcess: none runs yet;
-// ErrHostNetwork: the pod is in the host's namespace (that of PID 1).
-func (n *Netns) PodNetns(podUID string) (*os.File, uint64, error) {
+// cannot hand over another namespace. A process in credproxy's own
+// network namespace or the host's (PID 1's) does not count: a container
+// process is in the pod's cgroup a moment before it joins the pod's
+// namespace, and a hostNetwork pod has none of its own (ErrHostNetwork).
+// While any process of the pod is still in namespace current (the one the
+// caller bound in; 0 for none), PodNetns returns current and a nil file:
+// nothing changed. ErrNoPodProcess: no process of the pod runs in a
+// namespace of its own yet.
+func (n *Netns) PodNetns(podUID string, current uint64) (*os.File, uint64, error) {
 	entries, err := os.ReadDir(n.proc())
 	if err != nil {
 		return nil, 0, err
 	}
+	own := map[uint64]bool{}
+	for _, p := range []string{n.proc("self", "ns", "net"), n.proc("1", "ns", "net")} {
+		if fi, err := os.Stat(p); err == nil {
+			if st, ok := fi.Sys().(*unix.Stat_t); ok {
+				own[st.Ino] = true
+			}
+		}
+	}
+	var found *os.File
+	var foundIno uint64
+	hostOnly := false
 	for _, e := range entries {
 		pid, err := strconv.Atoi(e.Name())
 		if err != nil || pid <= 1 {
@@ -47,13 +64,27 @@ func (n *Netns) PodNetns(podUID string) (*os.File, uint64, error) {
 		if err != nil {
 			continue // exited meanwhile: try the next
 		}
-		if host, err := os.Stat(n.proc("1", "ns", "net")); err == nil {
-			if st, ok := host.Sys().(*unix.Stat_t); ok && st.Ino == ino {
-				f.Close()
-				return nil, 0, ErrHostNetwork
+		switch {
+		case own[ino]:
+			f.Close()
+			hostOnly = true
+		case current != 0 && ino == current:
+			f.Close()
+			if found != nil {
+				found.Close()
 			}
+			return nil, current, nil
+		case found == nil:
+			found, foundIno = f, ino
+		default:
+			f.Close()
 		}
-		return f, ino, nil
+	}
+	switch {
+	case found != nil:
+		return found, foundIno, nil
+	case hostOnly:
+		return nil, 0, ErrHostNetwork
 	}
 	return nil, 0, ErrNoPodProcess
 }

@@ -374,15 +374,14 @@ func (ps *podSet) watchNetns(p *workloadPod, cfg *config.Config, creds Credentia
 	warned := false
 	for {
 		wait := netnsSearchInterval
-		ns, ino, err := ps.netns.PodNetns(p.w.PodUID)
+		ns, ino, err := ps.netns.PodNetns(p.w.PodUID, bound)
 		switch {
 		case err != nil:
 			if errors.Is(err, identity.ErrHostNetwork) && !warned {
 				log.Warn("no HTTP listener for a hostNetwork pod: its network namespace is the node's")
 				warned = true
 			}
-		case ino == bound:
-			ns.Close()
+		case ns == nil: // still in the namespace bound in
 			wait = netnsCheckInterval
 		default:
 			svcs, berr := ps.build(cfg, creds, policy, p.w)
@@ -405,6 +404,7 @@ func (ps *podSet) watchNetns(p *workloadPod, cfg *config.Config, creds Credentia
 				cur.ln.Close()
 				cur.cancel()
 			}
+			log.Info("HTTP listener bound in the pod's network namespace", zap.Uint64("netns_inode", ino))
 			cur = p.add(s, svcs[0], ln)
 			bound = ino
 			wait = netnsCheckInterval
