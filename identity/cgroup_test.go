@@ -8,7 +8,7 @@ func TestCgroupPodUID(t *testing.T) {
 	sysd := "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0b9c6f2e_1d2a_4c3b_9e8f_7a6b5c4d3e2f.slice/cri-containerd-abc.scope\n"
 	tests := []struct {
 		name, content, want string
-		ok                 bool
+		ok                  bool
 	}{
 		{"systemd burstable (cgroup v2)", sysd, uid, true},
 		{"systemd guaranteed", "0::/kubepods.slice/kubepods-pod0b9c6f2e_1d2a_4c3b_9e8f_7a6b5c4d3e2f.slice/cri-containerd-abc.scope\n", uid, true},

@@ -11,7 +11,9 @@ import (
 var errNetnsLinux = errors.New("network namespaces need Linux")
 
 // PodNetns is only implemented on Linux.
-func (n *Netns) PodNetns(podUID string, current uint64) (*os.File, uint64, error) { return nil, 0, errNetnsLinux }
+func (n *Netns) PodNetns(podUID string, current uint64) (*os.File, uint64, error) {
+	return nil, 0, errNetnsLinux
+}
 
 // Listen is only implemented on Linux.
 func (n *Netns) Listen(ns *os.File, addr string) (net.Listener, error) { return nil, errNetnsLinux }
