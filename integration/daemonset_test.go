@@ -268,8 +268,10 @@ func (e *dsEnv) publish(t *testing.T, p *dsPod) error {
 		VolumeContext: map[string]string{
 			"csi.storage.k8s.io/pod.name": p.pod.Name, "csi.storage.k8s.io/pod.namespace": p.pod.Namespace,
 			"csi.storage.k8s.io/pod.uid": string(p.pod.UID), "csi.storage.k8s.io/serviceAccount.name": sa,
-			"csi.storage.k8s.io/ephemeral": "true", "csi.storage.k8s.io/serviceAccount.tokens": string(tokens),
+			"csi.storage.k8s.io/ephemeral": "true",
 		},
+		// The CSIDriver's serviceAccountTokenInSecrets: true.
+		Secrets: map[string]string{"csi.storage.k8s.io/serviceAccount.tokens": string(tokens)},
 	})
 	return err
 }

@@ -241,7 +241,7 @@ func (s *Server) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVo
 	if req.GetVolumeCapability().GetMount() == nil {
 		return nil, status.Error(codes.InvalidArgument, "credproxy volumes are mounted filesystems (volumeMode: Filesystem)")
 	}
-	w, err := s.workload(ctx, req.GetVolumeContext())
+	w, err := s.workload(ctx, req.GetVolumeContext(), req.GetSecrets())
 	if err != nil {
 		return nil, err
 	}
@@ -344,7 +344,7 @@ func (s *Server) podGone(podUID string) {
 // checks it: an inline (ephemeral) volume, a token for credproxy's
 // audience whose claims name the same pod, service account and node, and,
 // with Kube, the pod as the API server has it.
-func (s *Server) workload(ctx context.Context, vc map[string]string) (*identity.Workload, error) {
+func (s *Server) workload(ctx context.Context, vc, secrets map[string]string) (*identity.Workload, error) {
 	if vc[ctxEphemeral] != "true" {
 		return nil, status.Error(codes.InvalidArgument, "credproxy volumes are inline (ephemeral) CSI volumes of the pod; "+
 			"a PersistentVolume could be mounted by any pod")
@@ -358,7 +358,14 @@ func (s *Server) workload(ctx context.Context, vc map[string]string) (*identity.
 		Token               string    `json:"token"`
 		ExpirationTimestamp time.Time `json:"expirationTimestamp"`
 	}
-	if err := json.Unmarshal([]byte(vc[ctxTokens]), &tokens); err != nil || tokens[s.o.Audience].Token == "" {
+	// With the CSIDriver's serviceAccountTokenInSecrets the kubelet sends
+	// the tokens as a CSI secret (never logged by CSI tooling); without,
+	// in the volume context.
+	raw, ok := secrets[ctxTokens]
+	if !ok {
+		raw = vc[ctxTokens]
+	}
+	if err := json.Unmarshal([]byte(raw), &tokens); err != nil || tokens[s.o.Audience].Token == "" {
 		return nil, status.Errorf(codes.InvalidArgument, "no service account token for audience %q in the volume context: "+
 			"the CSIDriver needs tokenRequests with that audience", s.o.Audience)
 	}
