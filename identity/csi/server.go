@@ -97,10 +97,12 @@ type Server struct {
 	volumes map[string]*volume // by volume ID
 	pods    map[string]int     // volumes published per pod UID
 
-	grpc   *grpc.Server
-	ln     net.Listener
-	wg     sync.WaitGroup
-	cancel context.CancelFunc
+	grpc *grpc.Server
+	ln   net.Listener
+	// hookWatching runs each time the pod watch is established (tests).
+	hookWatching func()
+	wg           sync.WaitGroup
+	cancel       context.CancelFunc
 }
 
 type volume struct {

@@ -38,6 +38,9 @@ func (s *Server) watchPods(ctx context.Context) {
 			w, err = pods.Watch(ctx, metav1.ListOptions{FieldSelector: sel, ResourceVersion: list.ResourceVersion})
 			if err == nil {
 				backoff = time.Second
+				if s.hookWatching != nil {
+					s.hookWatching()
+				}
 				s.follow(ctx, w)
 				w.Stop()
 				continue
