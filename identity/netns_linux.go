@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strconv"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -161,9 +162,12 @@ func (n *Netns) Listen(ns *os.File, addr string) (net.Listener, error) {
 	return r.ln, r.err
 }
 
-// Dial connects to addr from inside network namespace ns, as a process in
-// the pod would (for tests and probes).
-func (n *Netns) Dial(ns *os.File, network, addr string) (net.Conn, error) {
+// Dial connects to addr from inside network namespace ns with d (nil: a
+// 5s timeout), as a process in the pod would (for tests and probes).
+func (n *Netns) Dial(ns *os.File, d *net.Dialer, network, addr string) (net.Conn, error) {
+	if d == nil {
+		d = &net.Dialer{Timeout: 5 * time.Second}
+	}
 	type result struct {
 		c   net.Conn
 		err error
@@ -183,7 +187,6 @@ func (n *Netns) Dial(ns *os.File, network, addr string) (net.Conn, error) {
 			ch <- result{err: err}
 			return
 		}
-		d := net.Dialer{Timeout: 5e9}
 		c, derr := d.Dial(network, addr)
 		if err := unix.Setns(int(self.Fd()), unix.CLONE_NEWNET); err != nil {
 			if c != nil {

@@ -19,4 +19,6 @@ func (n *Netns) PodNetns(podUID string, current uint64) (*os.File, uint64, error
 func (n *Netns) Listen(ns *os.File, addr string) (net.Listener, error) { return nil, errNetnsLinux }
 
 // Dial is only implemented on Linux.
-func (n *Netns) Dial(ns *os.File, network, addr string) (net.Conn, error) { return nil, errNetnsLinux }
+func (n *Netns) Dial(ns *os.File, d *net.Dialer, network, addr string) (net.Conn, error) {
+	return nil, errNetnsLinux
+}

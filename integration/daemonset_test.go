@@ -522,16 +522,23 @@ func TestDaemonSet(t *testing.T) {
 		// B's own listener still serves B as B.
 		nodetest.Run(t, "ip", "netns", "exec", b.node.Netns, "ip", "addr", "add", a.node.IP+"/32", "dev", "cpv"+string(b.pod.UID)[:8]+"p")
 		for _, addr := range []string{a.node.IP, a.node.HostIP, b.node.HostIP, b.node.IP} {
-			c, err := (&identity.Netns{}).Dial(b.node.NetnsFile(t), "tcp", net.JoinHostPort(addr, "8118"))
+			c, err := (&identity.Netns{}).Dial(b.node.NetnsFile(t), nil, "tcp", net.JoinHostPort(addr, "8118"))
 			if err == nil {
 				c.Close()
 				t.Errorf("pod B reached a proxy listener at %s:8118", addr)
 			}
 		}
+		// B's connection to its own listener comes from A's address:
+		// credproxy attributes by the listener, never the source, so
+		// it still serves B as B.
 		status, body := e.httpFrom(t, b.node, a.node.IP)
 		if status != http.StatusForbidden || !strings.Contains(body, "namespace \"shop\"") {
 			t.Fatalf("pod B with pod A's IP: %d %q, want 403 as pod B", status, body)
 		}
+		rec := e.proxy.waitAudit(t, "pod B's request from pod A's address", func(r audit.Record) bool {
+			return r.Event == audit.EventDenied && r.Client.Addr != "" && strings.HasPrefix(r.Client.Addr, a.node.IP+":")
+		})
+		wantWorkload(t, rec, b, identity.AttributionNetns)
 	})
 
 	t.Run("a deleted pod: its token stops working and its sessions close", func(t *testing.T) {
@@ -622,17 +629,21 @@ func TestDaemonSet(t *testing.T) {
 }
 
 // httpFrom sends a GET for the route through the proxy from inside pod's
-// network namespace (bound to source when set) and returns the status and
-// body.
+// network namespace (from local address source when set) and returns the
+// status and body.
 func (e *dsEnv) httpFrom(t *testing.T, pod *nodetest.Pod, source string) (int, string) {
 	t.Helper()
 	ns := pod.NetnsFile(t)
 	nn := &identity.Netns{}
+	d := &net.Dialer{Timeout: 5 * time.Second}
+	if source != "" {
+		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(source)}
+	}
 	var conn net.Conn
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		var err error
-		conn, err = nn.Dial(ns, "tcp", "127.0.0.1:8118")
+		conn, err = nn.Dial(ns, d, "tcp", "127.0.0.1:8118")
 		if err == nil {
 			break
 		}
@@ -643,7 +654,6 @@ func (e *dsEnv) httpFrom(t *testing.T, pod *nodetest.Pod, source string) (int, s
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	_ = source // the listener is loopback: a spoofed interface address changes nothing
 	defer conn.Close()
 	proxyURL, _ := url.Parse("http://127.0.0.1:8118")
 	tr := &http.Transport{Proxy: http.ProxyURL(proxyURL), DialContext: func(context.Context, string, string) (net.Conn, error) { return conn, nil }}
