@@ -14,9 +14,15 @@ import (
 // nothing can be created in the directory from the pod.
 type bindMounter struct{}
 
+// A target that already shows dir (the pod's volume, republished to a
+// credproxy that restarted) is left as it is: mounting again would stack
+// a second mount that the pod's containers never see.
 func (bindMounter) Mount(dir, target string) error {
 	if err := os.MkdirAll(target, 0o750); err != nil {
 		return err
+	}
+	if sameDir(dir, target) {
+		return nil
 	}
 	if err := unix.Mount(dir, target, "", unix.MS_BIND, ""); err != nil {
 		return fmt.Errorf("bind mount: %w", err)
@@ -39,4 +45,14 @@ func (bindMounter) Unmount(target string) error {
 		return err
 	}
 	return nil
+}
+
+// sameDir reports whether a and b are the same directory (b a bind mount
+// of a).
+func sameDir(a, b string) bool {
+	var sa, sb unix.Stat_t
+	if unix.Stat(a, &sa) != nil || unix.Stat(b, &sb) != nil {
+		return false
+	}
+	return sa.Dev == sb.Dev && sa.Ino == sb.Ino
 }

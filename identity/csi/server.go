@@ -261,16 +261,15 @@ func (s *Server) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVo
 		return &csipb.NodePublishVolumeResponse{}, nil
 	}
 	first := s.pods[w.PodUID] == 0
+	created := false
 	if first {
-		if err := os.RemoveAll(dir); err != nil {
-			return nil, status.Errorf(codes.Internal, "pod directory: %v", err)
-		}
-		if err := os.Mkdir(dir, 0o755); err != nil {
+		var err error
+		if created, err = resetDir(dir); err != nil {
 			return nil, status.Errorf(codes.Internal, "pod directory: %v", err)
 		}
 	}
 	if err := s.o.Host.PublishWorkload(w, dir); err != nil {
-		if first {
+		if created {
 			_ = os.RemoveAll(dir)
 		}
 		return nil, status.Errorf(codes.Unavailable, "serve the pod: %v", err)
@@ -278,6 +277,8 @@ func (s *Server) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVo
 	if err := s.o.Mounter.Mount(dir, req.GetTargetPath()); err != nil {
 		if first {
 			s.o.Host.UnpublishWorkload(w.PodUID)
+		}
+		if created {
 			_ = os.RemoveAll(dir)
 		}
 		return nil, status.Errorf(codes.Internal, "mount the pod's directory: %v", err)
@@ -311,6 +312,36 @@ func (s *Server) NodeUnpublishVolume(_ context.Context, req *csipb.NodeUnpublish
 		s.withdraw(v.podUID)
 	}
 	return &csipb.NodeUnpublishVolumeResponse{}, nil
+}
+
+// resetDir makes dir an empty directory of mode 0755 and reports whether
+// it had to create it. An existing dir is emptied, never replaced: after
+// credproxy restarts, the kubelet republishes each running pod's volume,
+// and the pod's containers keep the bind mount of this very directory they
+// started with, so the new sockets must appear in it.
+func resetDir(dir string) (created bool, err error) {
+	fi, err := os.Lstat(dir)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return true, os.Mkdir(dir, 0o755)
+	case err != nil:
+		return false, err
+	case !fi.IsDir():
+		if err := os.Remove(dir); err != nil {
+			return false, err
+		}
+		return true, os.Mkdir(dir, 0o755)
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return false, err
+	}
+	for _, e := range entries {
+		if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
+			return false, err
+		}
+	}
+	return false, os.Chmod(dir, 0o755)
 }
 
 // withdraw ends a pod and removes its directory. s.mu is held.

@@ -254,3 +254,7 @@ func TestPodWatchWithdrawsDeletedPods(t *testing.T) {
 		t.Errorf("the deleted pod's volume is still mounted: %v", m.mounted)
 	}
 }
+
+func unpublishRequest(target string) *csipb.NodeUnpublishVolumeRequest {
+	return &csipb.NodeUnpublishVolumeRequest{VolumeId: "vol-1", TargetPath: target}
+}
