@@ -32,8 +32,18 @@ func (n *Netns) proc(parts ...string) string {
 // While any process of the pod is still in namespace current (the one the
 // caller bound in; 0 for none), PodNetns returns current and a nil file:
 // nothing changed. ErrNoPodProcess: no process of the pod runs in a
-// namespace of its own yet.
-func (n *Netns) PodNetns(podUID string, current uint64) (*os.File, uint64, error) {
+// namespace of its own yet. hint, when not nil, is the PID of a process
+// last seen in namespace current: it is checked first, which spares a
+// walk of every process on the node while nothing changed, and PodNetns
+// updates it.
+func (n *Netns) PodNetns(podUID string, current uint64, hint *int) (*os.File, uint64, error) {
+	if hint == nil {
+		hint = new(int)
+	}
+	if current != 0 && *hint > 1 && n.stillIn(*hint, podUID, current) {
+		return nil, current, nil
+	}
+	*hint = 0
 	entries, err := os.ReadDir(n.proc())
 	if err != nil {
 		return nil, 0, err
@@ -74,9 +84,11 @@ func (n *Netns) PodNetns(podUID string, current uint64) (*os.File, uint64, error
 			if found != nil {
 				found.Close()
 			}
+			*hint = pid
 			return nil, current, nil
 		case found == nil:
 			found, foundIno = f, ino
+			*hint = pid
 		default:
 			f.Close()
 		}
@@ -88,6 +100,20 @@ func (n *Netns) PodNetns(podUID string, current uint64) (*os.File, uint64, error
 		return nil, 0, ErrHostNetwork
 	}
 	return nil, 0, ErrNoPodProcess
+}
+
+// stillIn reports whether process pid is in pod podUID's cgroup and in
+// network namespace ino.
+func (n *Netns) stillIn(pid int, podUID string, ino uint64) bool {
+	content, err := os.ReadFile(n.proc(strconv.Itoa(pid), "cgroup"))
+	if err != nil {
+		return false
+	}
+	if uid, ok := CgroupPodUID(string(content)); !ok || uid != podUID {
+		return false
+	}
+	var st unix.Stat_t
+	return unix.Stat(n.proc(strconv.Itoa(pid), "ns", "net"), &st) == nil && st.Ino == ino
 }
 
 // open opens pid's network namespace while a pidfd holds pid, and checks

@@ -11,7 +11,7 @@ import (
 var errNetnsLinux = errors.New("network namespaces need Linux")
 
 // PodNetns is only implemented on Linux.
-func (n *Netns) PodNetns(podUID string, current uint64) (*os.File, uint64, error) {
+func (n *Netns) PodNetns(podUID string, current uint64, hint *int) (*os.File, uint64, error) {
 	return nil, 0, errNetnsLinux
 }
 

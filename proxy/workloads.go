@@ -370,16 +370,24 @@ func (ps *podSet) watchNetns(p *workloadPod, cfg *config.Config, creds Credentia
 	s := ps.s
 	log := s.log.With(zap.String("pod", p.w.Namespace+"/"+p.w.Pod))
 	var bound uint64
+	var hint int // a process of the pod last seen in namespace bound
 	var cur *listener
 	warned := false
 	for {
 		wait := netnsSearchInterval
-		ns, ino, err := ps.netns.PodNetns(p.w.PodUID, bound)
+		ns, ino, err := ps.netns.PodNetns(p.w.PodUID, bound, &hint)
 		switch {
 		case err != nil:
-			if errors.Is(err, identity.ErrHostNetwork) && !warned {
-				log.Warn("no HTTP listener for a hostNetwork pod: its network namespace is the node's")
-				warned = true
+			if errors.Is(err, identity.ErrHostNetwork) {
+				// A container joins its pod's namespace a moment after its
+				// cgroup: look again, but seldom once the pod is known to
+				// run in the node's (hostNetwork, which never changes).
+				if warned {
+					wait = netnsCheckInterval
+				} else {
+					log.Warn("no HTTP listener for a hostNetwork pod: its network namespace is the node's")
+					warned = true
+				}
 			}
 		case ns == nil: // still in the namespace bound in
 			wait = netnsCheckInterval
