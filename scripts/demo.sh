@@ -222,9 +222,11 @@ if [[ -z $VAULT ]]; then
 else
 	act "Act 3, Vault: credproxy logs in as a short-lived user that Vault creates, and that user is gone once credproxy stops."
 
-	heading "3.1 a $(basename "$VAULT") dev server (in memory) on 127.0.0.1"
 	unset "${!VAULT_@}" "${!BAO_@}" # nothing of the caller's Vault reaches this one
+	# A dev server also listens on the next port, for its cluster.
 	VAULT_PORT=$(free_port)
+	while is_listening $((VAULT_PORT + 1)); do VAULT_PORT=$(free_port); done
+	heading "3.1 a $(basename "$VAULT") dev server (in memory) on 127.0.0.1:$VAULT_PORT"
 	VAULT_ROOT=$(random_secret)
 	secret "the Vault root token" "$VAULT_ROOT"
 	mkdir -m 0700 "$WORK/vault"
@@ -240,8 +242,9 @@ else
 		HOME=$WORK/vault VAULT_ADDR="http://127.0.0.1:$VAULT_PORT" VAULT_TOKEN=$VAULT_ROOT \
 			BAO_ADDR="http://127.0.0.1:$VAULT_PORT" BAO_TOKEN=$VAULT_ROOT "$VAULT" "$@"
 	}
-	for _ in $(seq 100); do
+	for i in $(seq 100); do
 		vault status >/dev/null 2>&1 && break
+		((i < 100)) || die "the dev server is not ready after 10s"
 		sleep 0.1
 	done
 	note "$(vault version)"
@@ -264,14 +267,17 @@ else
 		creation_statements="$CREATE_SQL" revocation_statements="$DROP_SQL" >/dev/null
 
 	heading "3.3 credproxy's token: a policy that may read database/creds/app and renew or revoke its leases"
-	vault policy write credproxy-demo - >/dev/null <<'HCL'
+	cat >"$WORK/vault/credproxy-demo.hcl" <<'HCL'
 path "database/creds/app" { capabilities = ["read"] }
 path "sys/leases/renew"   { capabilities = ["update"] }
 path "sys/leases/revoke"  { capabilities = ["update"] }
 HCL
+	sed 's/^/   | /' "$WORK/vault/credproxy-demo.hcl"
+	note "vault policy write credproxy-demo vault/credproxy-demo.hcl"
+	vault policy write credproxy-demo vault/credproxy-demo.hcl >/dev/null
+	note "vault token create -policy=credproxy-demo -ttl=1h -field=token > vault/token"
 	vault token create -policy=credproxy-demo -ttl=1h -field=token >"$WORK/vault/token"
 	secret "credproxy's Vault token" "$(<"$WORK/vault/token")"
-	note "vault policy write credproxy-demo ...; vault token create -policy=credproxy-demo -ttl=1h > vault/token"
 
 	heading "3.4 starting credproxy with a Vault secret"
 	VPROXY_PORT=$(free_port)
