@@ -159,7 +159,7 @@ at_exit stop_pid "$API_PID"
 wait_listen "$API_PORT" "$API_PID" "the demo API"
 API_URL="https://localhost:$API_PORT/v1/whoami"
 note "scripts/demoapi on 127.0.0.1:$API_PORT, its certificate from its own CA (api-ca.pem); the token is in api.token"
-note "curl $API_URL, straight to the API:"
+note "curl --cacert api-ca.pem $API_URL (straight to the API, no token):"
 curl -sS --max-time 10 --cacert api-ca.pem -w '   HTTP %{http_code}\n' "$API_URL" | sed 's/^{/   {/'
 note "$(tail -n 1 "$WORK/api.log")"
 
@@ -208,6 +208,12 @@ grep -q 'response 403' "$WORK/curl-unrouted.out" || die "the unrouted host did n
 heading "2.6 stopping credproxy; the audit records of both requests ($WORK/audit-http.jsonl)"
 stop_credproxy
 show_audit "$WORK/audit-http.jsonl"
+awk '/"event":"request"/ && /"status":200/ && /"injected":true/ { f = 1 } END { exit !f }' "$WORK/audit-http.jsonl" ||
+	die "no audit record of the injected request"
+awk '/"event":"denied"/ && /"reason":"no route"/ { f = 1 } END { exit !f }' "$WORK/audit-http.jsonl" ||
+	die "no audit record of the refusal"
+note "the 200: a request record with \"injected\": true, inside the tunnel's session_start and session_end;"
+note "the 403: a denied record (\"reason\": \"no route\") and a request record with \"injected\": false"
 
 # ================================================================= Act 3: Vault
 
