@@ -232,7 +232,8 @@ else
 	# A dev server also listens on the next port, for its cluster.
 	VAULT_PORT=$(free_port)
 	while is_listening $((VAULT_PORT + 1)); do VAULT_PORT=$(free_port); done
-	heading "3.1 a $(basename "$VAULT") dev server (in memory) on 127.0.0.1:$VAULT_PORT"
+	VCLI=$(basename "$VAULT") # vault or bao: the same commands
+	heading "3.1 a $VCLI dev server (in memory) on 127.0.0.1:$VAULT_PORT"
 	VAULT_ROOT=$(random_secret)
 	secret "the Vault root token" "$VAULT_ROOT"
 	mkdir -m 0700 "$WORK/vault"
@@ -242,7 +243,7 @@ else
 		"$VAULT" server -dev -dev-listen-address="127.0.0.1:$VAULT_PORT" >"$WORK/vault/server.log" 2>&1 &
 	VAULT_PID=$!
 	at_exit stop_pid "$VAULT_PID"
-	wait_listen "$VAULT_PORT" "$VAULT_PID" "$(basename "$VAULT") server -dev"
+	wait_listen "$VAULT_PORT" "$VAULT_PID" "$VCLI server -dev"
 	# vault: the CLI as root, on this server only (bao reads BAO_*, then VAULT_*).
 	vault() {
 		HOME=$WORK/vault VAULT_ADDR="http://127.0.0.1:$VAULT_PORT" VAULT_TOKEN=$VAULT_ROOT \
@@ -257,16 +258,16 @@ else
 
 	heading "3.2 the database secrets engine: role 'app' makes PostgreSQL users that are members of app, for 5 minutes"
 	printf '%s' "$PG_SUPERPW" >"$WORK/vault/pg.pw" # Vault logs in as the superuser here; in production, a role with CREATEROLE
-	note "vault secrets enable database"
+	note "$VCLI secrets enable database"
 	vault secrets enable database >/dev/null
 	PG_URL="postgresql://{{username}}:{{password}}@127.0.0.1:$PG_PORT/app?sslmode=disable"
-	note "vault write database/config/demo plugin_name=postgresql-database-plugin allowed_roles=app"
+	note "$VCLI write database/config/demo plugin_name=postgresql-database-plugin allowed_roles=app"
 	note "    connection_url=$PG_URL username=postgres password=@vault/pg.pw"
 	vault write database/config/demo plugin_name=postgresql-database-plugin allowed_roles=app \
 		connection_url="$PG_URL" username=postgres password=@vault/pg.pw >/dev/null
 	CREATE_SQL="CREATE ROLE \"{{name}}\" LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}' IN ROLE app;"
 	DROP_SQL="DROP ROLE IF EXISTS \"{{name}}\";"
-	note "vault write database/roles/app db_name=demo default_ttl=5m max_ttl=1h"
+	note "$VCLI write database/roles/app db_name=demo default_ttl=5m max_ttl=1h"
 	note "    creation_statements=$CREATE_SQL"
 	note "    revocation_statements=$DROP_SQL"
 	vault write database/roles/app db_name=demo default_ttl=5m max_ttl=1h \
@@ -279,9 +280,9 @@ path "sys/leases/renew"   { capabilities = ["update"] }
 path "sys/leases/revoke"  { capabilities = ["update"] }
 HCL
 	sed 's/^/   | /' "$WORK/vault/credproxy-demo.hcl"
-	note "vault policy write credproxy-demo vault/credproxy-demo.hcl"
+	note "$VCLI policy write credproxy-demo vault/credproxy-demo.hcl"
 	vault policy write credproxy-demo vault/credproxy-demo.hcl >/dev/null
-	note "vault token create -policy=credproxy-demo -ttl=1h -field=token > vault/token"
+	note "$VCLI token create -policy=credproxy-demo -ttl=1h -field=token > vault/token"
 	vault token create -policy=credproxy-demo -ttl=1h -field=token >"$WORK/vault/token"
 	secret "credproxy's Vault token" "$(<"$WORK/vault/token")"
 
