@@ -88,7 +88,7 @@ bench: ## Postgres: direct vs credproxy vs PgBouncer, Vault row; HTTP: direct vs
 	bash scripts/bench.sh
 	bash scripts/bench-http.sh
 
-demo: ## credproxy end to end on a throwaway PostgreSQL
+demo: ## credproxy end to end on this machine: PostgreSQL, HTTP, and Vault when vault or bao is installed
 	bash scripts/demo.sh
 
 clean: ## remove build output
