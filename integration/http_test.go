@@ -535,8 +535,8 @@ func TestHTTPUnroutedDeniedNoCertificate(t *testing.T) {
 		t.Errorf("curl https://evil.com: %s %v\n%s", status, err, all)
 	}
 	status, body, _, err := h.curl(h.caFile, "http://evil.com/")
-	if status != "403" || !strings.Contains(body, "credproxy: no route for evil.com:80 (http.default: deny)") {
-		t.Errorf("curl http://evil.com: %s %q", status, body)
+	if err != nil || status != "403" || !strings.Contains(body, "credproxy: no route for evil.com:80 (http.default: deny)") {
+		t.Errorf("curl http://evil.com: %s %q %v", status, body, err)
 	}
 	if status, body, err := h.goDo(h.goClient(false), mustRequest(t, "https://evil.com/")); err == nil {
 		t.Errorf("go client reached evil.com: %d %q", status, body)
