@@ -64,7 +64,7 @@ lint-tidy:
 vulncheck: ## govulncheck against a pinned snapshot of the Go vulnerability database (VULNDB_VERSION)
 	GO=$(GO) bash scripts/vulncheck.sh
 
-bench: ## Postgres: direct vs credproxy vs PgBouncer, Vault row; HTTP: direct vs proxied (BENCH_SECONDS)
+bench: ## Postgres: direct vs credproxy vs PgBouncer, Vault row; HTTPS: direct vs bin/credproxy vs Squid ssl_bump (BENCH_SECONDS)
 	bash scripts/bench.sh
 	bash scripts/bench-http.sh
 
