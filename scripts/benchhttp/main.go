@@ -225,11 +225,10 @@ type via struct {
 	roots *x509.CertPool
 	pid   int // 0: no process to charge CPU time to
 
-	lat     []time.Duration
-	elapsed time.Duration
-	cpu     time.Duration // the proxy process's CPU time while its load ran
+	lat               []time.Duration
+	elapsed           time.Duration
+	cpu               time.Duration // the proxy process's CPU time while its load ran
 	withCred, without int
-	errs    int
 }
 
 type viaFlags []*via
@@ -284,7 +283,7 @@ func (w *via) transport(conns int) *http.Transport {
 
 // Targets of issue 12 for intercepted HTTPS through the binary.
 const (
-	targetRatio      = 0.6
+	targetRatio       = 0.6
 	targetP50Overhead = 500 * time.Microsecond
 )
 
