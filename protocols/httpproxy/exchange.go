@@ -2,8 +2,6 @@ package httpproxy
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -377,34 +375,6 @@ func (x *exchange) upstreamFailure(err error) *http.Response {
 	reason, what := classifyUpstream(err)
 	return x.refuse(http.StatusBadGateway, reason, fmt.Sprintf("credproxy: upstream %s %s: %v",
 		net.JoinHostPort(x.host, x.port), what, err), false)
-}
-
-// classifyUpstream names a dial/TLS/exchange error: the audit reason and
-// a phrase for the message.
-func classifyUpstream(err error) (reason, what string) {
-	var (
-		verifyErr *tls.CertificateVerificationError
-		unknownCA x509.UnknownAuthorityError
-		hostErr   x509.HostnameError
-		invalid   x509.CertificateInvalidError
-		recordErr tls.RecordHeaderError
-		alert     tls.AlertError
-		opErr     *net.OpError
-		netErr    net.Error
-	)
-	switch {
-	case errors.As(err, &verifyErr), errors.As(err, &unknownCA), errors.As(err, &hostErr), errors.As(err, &invalid):
-		return "upstream TLS failed", "TLS verification failed"
-	case errors.As(err, &recordErr), errors.As(err, &alert), strings.Contains(err.Error(), "tls: "):
-		return "upstream TLS failed", "TLS handshake failed"
-	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &netErr) && netErr.Timeout():
-		return "upstream timeout", "timed out"
-	case errors.As(err, &opErr) && opErr.Op == "dial":
-		return "upstream unreachable", "unreachable"
-	case errors.Is(err, context.Canceled):
-		return "client gone", "request cancelled"
-	}
-	return "upstream error", "failed"
 }
 
 // refuse records a refusal (credproxy's own answer) and returns the

@@ -67,11 +67,10 @@ func (p *Proxy) boundRoute(r *route) {
 		return
 	}
 	r.upstream = make(chan struct{}, n)
-	t := p.transport.Clone()
-	t.MaxIdleConns, t.MaxIdleConnsPerHost = n, n
-	t.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+	t := p.newTransport(func(ctx context.Context, network, addr string) (net.Conn, error) {
 		return p.dialBounded(ctx, r, network, addr)
-	}
+	})
+	t.MaxIdleConns, t.MaxIdleConnsPerHost = n, n
 	r.transport = t
 }
 
@@ -102,7 +101,7 @@ func (p *Proxy) dialBounded(ctx context.Context, r *route, network, addr string)
 			return nil, &UpstreamLimitError{Route: r.name(), Max: cap(r.upstream)}
 		}
 	}
-	c, err := p.dial(ctx, network, addr)
+	c, err := typedDial(p.dial)(ctx, network, addr)
 	if err != nil {
 		<-r.upstream
 		return nil, err
