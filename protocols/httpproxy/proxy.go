@@ -112,7 +112,11 @@ type Proxy struct {
 	passDial      dialFunc
 	passTransport *http.Transport
 	certs         *certManager
-	gp            *goproxy.ProxyHttpServer
+	// tickets holds the session ticket keys of every tunnel's TLS server
+	// (tunnelTLS): crypto/tls makes and rotates them. It serves no
+	// connection itself.
+	tickets *tls.Config
+	gp      *goproxy.ProxyHttpServer
 
 	// outer serves connections on the proxy listener; inner serves the
 	// decrypted inside of intercepted tunnels.
@@ -197,6 +201,7 @@ func New(opts Options) (*Proxy, error) {
 	p.draining, p.drain = context.WithCancel(context.Background())
 
 	p.upstreamTLS = upstreamTLSConfig(roots)
+	p.tickets = &tls.Config{}
 	p.transport = p.newTransport(p.dialUpstream)
 	for _, r := range routes.routes {
 		p.boundRoute(r)
