@@ -292,15 +292,20 @@ func (x *exchange) RoundTrip(req *http.Request, _ *goproxy.ProxyCtx) (*http.Resp
 
 	var echo *echoScrubber
 	if x.route != nil {
-		fields := x.reveal()
-		err := x.route.inject.Inject(out.Context(), out, fields)
-		if err != nil {
+		if pr := x.route.prepare(x.handle.Credential); pr.set != nil {
+			pr.set(out)
+			x.placed, echo = pr.placed, pr.echo
+		} else {
+			fields := x.reveal()
+			err := x.route.inject.Inject(out.Context(), out, fields)
+			if err != nil {
+				clear(fields)
+				return x.injectFailure(err), nil
+			}
+			x.placed = x.route.inject.Placed(out)
+			echo = newEchoScrubber(x.route.inject.Uses().pick(fields), x.placed)
 			clear(fields)
-			return x.injectFailure(err), nil
 		}
-		x.placed = x.route.inject.Placed(out)
-		echo = newEchoScrubber(x.route.inject.Uses().pick(fields), x.placed)
-		clear(fields)
 	}
 	resp, err := x.p.transportFor(x.route).RoundTrip(out)
 	if err != nil {
@@ -345,14 +350,7 @@ func (x *exchange) scrubResponse(resp *http.Response, echo *echoScrubber) {
 
 // reveal returns the credential's values, for injection and for redacting
 // a message; callers clear the map when done.
-func (x *exchange) reveal() map[string]string {
-	c := x.handle.Credential
-	fields := make(map[string]string, len(c.Fields))
-	for name, s := range c.Fields {
-		fields[name] = s.Reveal()
-	}
-	return fields
-}
+func (x *exchange) reveal() map[string]string { return revealFields(x.handle.Credential) }
 
 func (x *exchange) injectFailure(err error) *http.Response {
 	if resp := x.limitFailure(err); resp != nil {

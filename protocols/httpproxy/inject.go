@@ -212,6 +212,33 @@ func render(t *template.Template, fields map[string]string) (string, error) {
 	return b.String(), nil
 }
 
+// fixedInjector is an injector whose change to a request depends on the
+// credential alone, not on the request: header, basic and query. Its
+// Inject is fixed, then set; route.prepare calls fixed once per
+// credential and applies set to each request.
+type fixedInjector interface {
+	injector
+	// fixed renders the credential's value and returns what places it in
+	// a request; its error is Inject's.
+	fixed(fields map[string]string) (set func(*http.Request), err error)
+}
+
+var (
+	_ fixedInjector = (*headerInjector)(nil)
+	_ fixedInjector = (*basicInjector)(nil)
+	_ fixedInjector = (*queryInjector)(nil)
+)
+
+// injectFixed is Inject for a fixedInjector.
+func injectFixed(f fixedInjector, req *http.Request, fields map[string]string) error {
+	set, err := f.fixed(fields)
+	if err != nil {
+		return err
+	}
+	set(req)
+	return nil
+}
+
 // headerInjector sets one header, replacing whatever the app sent under
 // that name.
 type headerInjector struct {
@@ -225,16 +252,21 @@ func (h *headerInjector) Kind() string { return "header" }
 func (h *headerInjector) Placed(req *http.Request) []string { return req.Header[h.name] }
 
 func (h *headerInjector) Inject(_ context.Context, req *http.Request, fields map[string]string) error {
+	return injectFixed(h, req, fields)
+}
+
+func (h *headerInjector) fixed(fields map[string]string) (func(*http.Request), error) {
 	v, err := render(h.value, fields)
 	if err != nil {
-		return credentialError("cannot render %s: %v", h.value.Name(), err)
+		return nil, credentialError("cannot render %s: %v", h.value.Name(), err)
 	}
 	if !validHeaderValue(v) {
-		return credentialError("%s rendered a value that is not a valid header value (control characters)", h.value.Name())
+		return nil, credentialError("%s rendered a value that is not a valid header value (control characters)", h.value.Name())
 	}
-	deleteHeaderFold(req.Header, h.name)
-	req.Header[h.name] = []string{v}
-	return nil
+	return func(req *http.Request) {
+		deleteHeaderFold(req.Header, h.name)
+		req.Header[h.name] = []string{v}
+	}, nil
 }
 
 // basicInjector sets Authorization: Basic.
@@ -258,20 +290,26 @@ func authorizationForms(req *http.Request) []string {
 }
 
 func (b *basicInjector) Inject(_ context.Context, req *http.Request, fields map[string]string) error {
+	return injectFixed(b, req, fields)
+}
+
+func (b *basicInjector) fixed(fields map[string]string) (func(*http.Request), error) {
 	u, err := render(b.user, fields)
 	if err != nil {
-		return credentialError("cannot render %s: %v", b.user.Name(), err)
+		return nil, credentialError("cannot render %s: %v", b.user.Name(), err)
 	}
 	p, err := render(b.password, fields)
 	if err != nil {
-		return credentialError("cannot render %s: %v", b.password.Name(), err)
+		return nil, credentialError("cannot render %s: %v", b.password.Name(), err)
 	}
 	if strings.Contains(u, ":") {
-		return credentialError("basic.username rendered a value containing ':', which basic auth cannot carry")
+		return nil, credentialError("basic.username rendered a value containing ':', which basic auth cannot carry")
 	}
-	deleteHeaderFold(req.Header, "Authorization")
-	req.Header["Authorization"] = []string{"Basic " + base64.StdEncoding.EncodeToString([]byte(u+":"+p))}
-	return nil
+	v := "Basic " + base64.StdEncoding.EncodeToString([]byte(u+":"+p))
+	return func(req *http.Request) {
+		deleteHeaderFold(req.Header, "Authorization")
+		req.Header["Authorization"] = []string{v}
+	}, nil
 }
 
 // queryInjector sets one query parameter, replacing every occurrence the
@@ -290,13 +328,18 @@ func (q *queryInjector) Placed(req *http.Request) []string {
 }
 
 func (q *queryInjector) Inject(_ context.Context, req *http.Request, fields map[string]string) error {
+	return injectFixed(q, req, fields)
+}
+
+func (q *queryInjector) fixed(fields map[string]string) (func(*http.Request), error) {
 	v, err := render(q.value, fields)
 	if err != nil {
-		return credentialError("cannot render %s: %v", q.value.Name(), err)
+		return nil, credentialError("cannot render %s: %v", q.value.Name(), err)
 	}
-	req.URL.RawQuery = setQueryParam(req.URL.RawQuery, q.name, v)
-	req.URL.ForceQuery = false
-	return nil
+	return func(req *http.Request) {
+		req.URL.RawQuery = setQueryParam(req.URL.RawQuery, q.name, v)
+		req.URL.ForceQuery = false
+	}, nil
 }
 
 // setQueryParam drops every parameter named name from rawQuery (in any

@@ -15,6 +15,7 @@ import (
 
 	"github.com/credproxy/credproxy/config"
 	"github.com/credproxy/credproxy/proxy/audit"
+	"github.com/credproxy/credproxy/proxy/credentials"
 )
 
 // timeoutErr is a net.Error that timed out, with a message that says
@@ -175,5 +176,59 @@ func TestMaxUpstreamConnectionsHTTPSHoldsPlace(t *testing.T) {
 	r := tp.p.routes.routes[0]
 	if n := len(r.upstream); n != 1 {
 		t.Errorf("the route's bound holds %d places after one request, want 1 (its pooled connection)", n)
+	}
+}
+
+// rotatingSource hands out a new token on every fetch.
+type rotatingSource struct {
+	mu sync.Mutex
+	n  int
+}
+
+func (s *rotatingSource) Fetch(context.Context) (*credentials.Credential, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.n++
+	return &credentials.Credential{Fields: map[string]credentials.Secret{
+		"token": credentials.NewSecret(fmt.Sprintf("rotating-token-%d-0123456789abcdef", s.n)),
+	}}, nil
+}
+
+// A route renders its injection once per credential: a credential
+// fetched anew is injected, and scrubbed from what echoes it, from the
+// first request that uses it.
+func TestInjectionFollowsANewCredential(t *testing.T) {
+	pki := newTestPKI(t)
+	up := startUpstream(t, pki, "api.test")
+	up.setHandler(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Echo", r.Header.Get("Authorization"))
+		_, _ = io.WriteString(w, "ok")
+	})
+	store := credentials.NewStore(map[string]credentials.Source{"tok": &rotatingSource{}}, credentials.Options{})
+	t.Cleanup(func() { store.Close(context.Background()) })
+	tp := startProxy(t, proxySetup{upCA: pki, routes: []config.HTTPRoute{headerRoute("api.test")},
+		dial: map[string]string{"api.test": up.addr()}, creds: store})
+	c := tp.client(t)
+	for i := 1; i <= 3; i++ {
+		resp, err := c.Get("https://api.test/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		want := fmt.Sprintf("Bearer rotating-token-%d-0123456789abcdef", i)
+		if got := up.requests()[i-1].Header.Get("Authorization"); got != want {
+			t.Errorf("request %d: upstream got Authorization %q, want %q", i, got, want)
+		}
+		if echo := resp.Header.Get("X-Echo"); echo != "REDACTED" {
+			t.Errorf("request %d: the app read X-Echo %q, want REDACTED", i, echo)
+		}
+		// The next request fetches a new credential.
+		h, err := store.Acquire(context.Background(), "tok")
+		if err != nil {
+			t.Fatal(err)
+		}
+		h.Invalidate()
+		h.Release()
 	}
 }
