@@ -307,7 +307,7 @@ func (x *exchange) RoundTrip(req *http.Request, _ *goproxy.ProxyCtx) (*http.Resp
 			clear(fields)
 		}
 	}
-	resp, err := x.p.transportFor(x.route).RoundTrip(out)
+	resp, err := x.p.roundTrip(x, out)
 	if err != nil {
 		return x.upstreamFailure(err), nil
 	}

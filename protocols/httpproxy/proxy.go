@@ -106,6 +106,7 @@ type Proxy struct {
 	dial        dialFunc
 	upstreamTLS *tls.Config     // every upstream TLS connection's (upstream.go)
 	transport   *http.Transport // routed requests
+	lean        *leanClient     // routed GETs and HEADs without a body (lean.go)
 	limits      *limit.Listener
 	// Passing through (default: tunnel): the dialer checks the deny list.
 	deny          *denyList
@@ -203,6 +204,7 @@ func New(opts Options) (*Proxy, error) {
 	p.upstreamTLS = upstreamTLSConfig(roots)
 	p.tickets = &tls.Config{}
 	p.transport = p.newTransport(p.dialUpstream)
+	p.lean = newLeanClient(p.dialUpstream, dialTLS(p.dialUpstream, p.upstreamTLS))
 	for _, r := range routes.routes {
 		p.boundRoute(r)
 	}
@@ -419,6 +421,7 @@ func (p *Proxy) Close() error {
 		p.active.Wait()
 		p.servers.Wait()
 		p.transport.CloseIdleConnections()
+		p.lean.close()
 		p.passTransport.CloseIdleConnections()
 		for _, r := range p.routes.routes {
 			if r.transport != nil {
