@@ -52,7 +52,8 @@ type exchange struct {
 	service            string
 	host, port, scheme string // where the request goes
 	handle             *credentials.Handle
-	slot               bool // holds a max_concurrent slot
+	credWait           lazyTimeout // decide's wait for the credential
+	slot               bool        // holds a max_concurrent slot
 	injected           bool
 	placed             []string // what the injector put in the request, for redaction
 
@@ -259,9 +260,11 @@ func (x *exchange) decide(req *http.Request) *http.Response {
 			"credproxy: route %s is at max_concurrent (%d); retry later", x.route.name(), x.route.cfg.MaxConcurrent), false)
 	}
 	x.slot = true
-	ctx, cancel := context.WithTimeout(req.Context(), credentialTimeout)
-	h, err := p.creds.Acquire(ctx, x.route.cfg.Credentials)
-	cancel()
+	// A credential the store holds comes at once; a fetch is waited for
+	// credentialTimeout at most.
+	x.credWait = lazyTimeout{parent: req.Context(), d: credentialTimeout}
+	h, err := p.creds.Acquire(&x.credWait, x.route.cfg.Credentials)
+	x.credWait.stop()
 	if err != nil {
 		var ue *credentials.UnavailableError
 		msg := err.Error()
