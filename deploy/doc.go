@@ -5,4 +5,7 @@
 // types, that the credproxy configs they carry pass credproxy's own config
 // validation, that the chart renders and validates in both modes, that the
 // alert rules parse and fire, and that the image's binary builds static.
+// Without -short they also submit the manifests and the rendered chart to a
+// real kube-apiserver (integration/kubetest), whose schema, defaulting and
+// Pod Security admission must accept them.
 package deploy

@@ -88,13 +88,18 @@ func kindsOf(ms []manifest) []string {
 	return ks
 }
 
-// TestHelmChart renders the chart in both modes and with each optional part
-// on, decodes everything strictly, and checks the pods as the plain manifests
-// are checked: credproxy's config validates against the files the volumes
-// provide, the pod is hardened and probed, the apps reach the listeners.
-func TestHelmChart(t *testing.T) {
-	chrt := loadChart(t)
-	const httpOn = `
+// helmValueSet is one tested set of values: the chart renders wantKinds
+// with them, and the API server takes what it renders (cluster_test.go).
+type helmValueSet struct {
+	name      string
+	values    string
+	wantKinds []string
+	// serviceAccount is one the values name and say exists already
+	// (serviceAccount.create: false): the cluster tests create it first.
+	serviceAccount string
+}
+
+const helmHTTPOn = `
 http:
   enabled: true
   port: 8118
@@ -110,44 +115,41 @@ secrets:
   github:
     vault: {path: secret/data/app/github, field_map: {token: token}}
 `
-	tests := []struct {
-		name      string
-		values    string
-		wantKinds []string
-	}{
-		{
-			name:      "sidecar defaults",
-			values:    "",
-			wantKinds: []string{"ConfigMap", "Deployment", "ServiceAccount"},
-		},
-		{
-			name:      "sidecar with http proxy and PodMonitor",
-			values:    httpOn + "podMonitor: {enabled: true}\n",
-			wantKinds: []string{"ConfigMap", "Deployment", "PodMonitor", "ServiceAccount"},
-		},
-		{
-			name:      "sidecar without example app",
-			values:    "app: {enabled: false}\n",
-			wantKinds: []string{"ConfigMap", "ServiceAccount"},
-		},
-		{
-			name:      "daemonset defaults",
-			values:    "mode: daemonset\n",
-			wantKinds: []string{"ConfigMap", "DaemonSet", "Service", "ServiceAccount"},
-		},
-		{
-			name:      "daemonset with only the http proxy",
-			values:    "mode: daemonset\n" + httpOn + "postgres: []\n",
-			wantKinds: []string{"ConfigMap", "DaemonSet", "Service", "ServiceAccount"},
-		},
-		{
-			name:      "daemonset socket only",
-			values:    "mode: daemonset\ndaemonset: {nodeIP: false}\n",
-			wantKinds: []string{"ConfigMap", "DaemonSet", "Service", "ServiceAccount"},
-		},
-		{
-			name: "approle auth, image digest, existing service account",
-			values: `
+
+var helmValueSets = []helmValueSet{
+	{
+		name:      "sidecar defaults",
+		values:    "",
+		wantKinds: []string{"ConfigMap", "Deployment", "ServiceAccount"},
+	},
+	{
+		name:      "sidecar with http proxy and PodMonitor",
+		values:    helmHTTPOn + "podMonitor: {enabled: true}\n",
+		wantKinds: []string{"ConfigMap", "Deployment", "PodMonitor", "ServiceAccount"},
+	},
+	{
+		name:      "sidecar without example app",
+		values:    "app: {enabled: false}\n",
+		wantKinds: []string{"ConfigMap", "ServiceAccount"},
+	},
+	{
+		name:      "daemonset defaults",
+		values:    "mode: daemonset\n",
+		wantKinds: []string{"ConfigMap", "DaemonSet", "Service", "ServiceAccount"},
+	},
+	{
+		name:      "daemonset with only the http proxy",
+		values:    "mode: daemonset\n" + helmHTTPOn + "postgres: []\n",
+		wantKinds: []string{"ConfigMap", "DaemonSet", "Service", "ServiceAccount"},
+	},
+	{
+		name:      "daemonset socket only",
+		values:    "mode: daemonset\ndaemonset: {nodeIP: false}\n",
+		wantKinds: []string{"ConfigMap", "DaemonSet", "Service", "ServiceAccount"},
+	},
+	{
+		name: "approle auth, image digest, existing service account",
+		values: `
 image: {digest: "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"}
 serviceAccount: {create: false, name: app}
 vault:
@@ -158,11 +160,12 @@ files:
   - {path: db-ca.pem, configMap: credproxy-upstream-ca, key: db-ca.pem}
   - {path: vault-ca.pem, secret: vault-tls, key: ca.crt}
 `,
-			wantKinds: []string{"ConfigMap", "Deployment"},
-		},
-		{
-			name: "token auth, two databases, watch off",
-			values: `
+		wantKinds:      []string{"ConfigMap", "Deployment"},
+		serviceAccount: "app",
+	},
+	{
+		name: "token auth, two databases, watch off",
+		values: `
 watch: false
 vault:
   address: http://vault.vault.svc:8200
@@ -171,10 +174,17 @@ postgres:
   - {name: appdb, upstream: db-a.db.svc:5432, credentials: app-db, tls: {mode: verify-full, ca_file: /etc/credproxy/files/db-ca.pem}}
   - {name: reports, port: 5433, upstream: db-b.db.svc, database: reports, credentials: app-db, connect_timeout: 5s}
 `,
-			wantKinds: []string{"ConfigMap", "Deployment", "ServiceAccount"},
-		},
-	}
-	for _, tt := range tests {
+		wantKinds: []string{"ConfigMap", "Deployment", "ServiceAccount"},
+	},
+}
+
+// TestHelmChart renders the chart in both modes and with each optional part
+// on, decodes everything strictly, and checks the pods as the plain manifests
+// are checked: credproxy's config validates against the files the volumes
+// provide, the pod is hardened and probed, the apps reach the listeners.
+func TestHelmChart(t *testing.T) {
+	chrt := loadChart(t)
+	for _, tt := range helmValueSets {
 		t.Run(tt.name, func(t *testing.T) {
 			out, err := renderChart(t, chrt, tt.values)
 			if err != nil {
@@ -209,16 +219,10 @@ postgres:
 // and checks it as a pod next to the rendered ConfigMap.
 func checkPodSpecFragment(t *testing.T, ms []manifest, notes string) {
 	t.Helper()
-	_, rest, ok := strings.Cut(notes, "# --- begin pod spec ---\n")
-	fragment, _, ok2 := strings.Cut(rest, "# --- end pod spec ---")
-	if !ok || !ok2 {
-		t.Fatalf("NOTES.txt has no pod spec fragment:\n%s", notes)
-	}
-	doc := "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: yours}\nspec:\n  selector: {matchLabels: {app: yours}}\n  template:\n    metadata: {labels: {app: yours}}\n    spec:\n" +
-		indent(fragment, "      ")
+	doc := notesDeployment(t, notes)
 	got, err := decodeManifests("NOTES.txt pod spec", []byte(doc))
 	if err != nil {
-		t.Fatalf("%v\n%s", err, fragment)
+		t.Fatalf("%v\n%s", err, doc)
 	}
 	dep := got[0].Object.(*appsv1.Deployment)
 	app := findContainer(&dep.Spec.Template.Spec, "app")
@@ -234,6 +238,19 @@ func checkPodSpecFragment(t *testing.T, ms []manifest, notes string) {
 		}
 	}
 	checkWorkloads(t, append(cms, got...))
+}
+
+// notesDeployment returns the pod-spec fragment NOTES.txt prints, as the
+// pod template of a Deployment "yours".
+func notesDeployment(t *testing.T, notes string) string {
+	t.Helper()
+	_, rest, ok := strings.Cut(notes, "# --- begin pod spec ---\n")
+	fragment, _, ok2 := strings.Cut(rest, "# --- end pod spec ---")
+	if !ok || !ok2 {
+		t.Fatalf("NOTES.txt has no pod spec fragment:\n%s", notes)
+	}
+	return "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: yours}\nspec:\n  selector: {matchLabels: {app: yours}}\n  template:\n    metadata: {labels: {app: yours}}\n    spec:\n" +
+		indent(fragment, "      ")
 }
 
 func indent(s, prefix string) string {
