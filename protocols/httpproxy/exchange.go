@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -21,12 +22,10 @@ import (
 )
 
 // connKey carries the net.Conn a request arrived on (a *clientConn on the
-// outer server, an *innerConn on the inner one); exchangeKey carries the
-// request's *exchange through goproxy's handler chain.
-type (
-	connKey     struct{}
-	exchangeKey struct{}
-)
+// outer server, an *innerConn on the inner one). The connection holds the
+// request's *exchange while goproxy's handler chain runs: net/http serves
+// a connection's requests one at a time.
+type connKey struct{}
 
 // exchange is one request (or one CONNECT) from arrival to the audit
 // record. goproxy runs its handlers on the request's goroutine, so an
@@ -63,15 +62,28 @@ type exchange struct {
 	errMsg string
 
 	bytesIn, bytesOut atomic.Int64
+
+	// audited is the request's audit record (finish).
+	audited struct {
+		rec                           audit.Record
+		injected                      bool
+		bytesIn, bytesOut, durationMS int64
+	}
 }
 
+// exchangeFrom is the exchange of the request whose context ctx is.
 func exchangeFrom(ctx context.Context) *exchange {
-	x, _ := ctx.Value(exchangeKey{}).(*exchange)
-	return x
+	switch c := ctx.Value(connKey{}).(type) {
+	case *clientConn:
+		return c.x
+	case *innerConn:
+		return c.x
+	}
+	return nil
 }
 
-// newExchange wraps w and r for one request; r's replacement carries the
-// exchange and counts the body.
+// newExchange wraps w and r for one request, and counts r's body; the
+// caller makes it the current exchange of r's connection (served.x).
 func (p *Proxy) newExchange(w http.ResponseWriter, r *http.Request, c *clientConn, tun *tunnel) *exchange {
 	x := &exchange{p: p, start: time.Now(), conn: c, tun: tun, connect: r.Method == http.MethodConnect}
 	x.rw = &respWriter{w: w, x: x}
@@ -80,7 +92,6 @@ func (p *Proxy) newExchange(w http.ResponseWriter, r *http.Request, c *clientCon
 	} else {
 		x.log = p.log.With(zap.String("session_id", c.id), zap.String("client", c.client.Addr))
 	}
-	r = r.WithContext(context.WithValue(r.Context(), exchangeKey{}, x))
 	if r.Body != nil && r.Body != http.NoBody {
 		r.Body = p.newBody(w, r.Body, &x.bytesIn)
 	}
@@ -97,7 +108,9 @@ func (p *Proxy) serveOuter(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	x := p.newExchange(w, r, c, nil)
+	c.x = x
 	defer func() {
+		c.x = nil
 		x.finish()
 		if x.rw.hijacked != nil {
 			c.markFinished()
@@ -115,7 +128,9 @@ func (p *Proxy) serveInner(w http.ResponseWriter, r *http.Request) {
 	}
 	t := ic.tun
 	x := p.newExchange(w, r, t.conn, t)
+	ic.x = x
 	defer func() {
+		ic.x = nil
 		x.finish()
 		if x.rw.hijacked != nil {
 			ic.markFinished()
@@ -284,14 +299,19 @@ func (x *exchange) decide(req *http.Request) *http.Response {
 // app as they are. It never returns an error: failures become a 502 (or
 // 503) the app can read.
 func (x *exchange) RoundTrip(req *http.Request, _ *goproxy.ProxyCtx) (*http.Response, error) {
-	out := req.Clone(req.Context())
+	out := req.WithContext(req.Context()) // a shallow copy; what differs is replaced
 	out.RequestURI = ""
 	out.URL = originURL(x.scheme, authority(x.host, x.port, x.scheme), req.URL)
 	out.Host = ""
 	out.Close = false
 	out.Trailer = nil
+	out.TransferEncoding = slices.Clone(req.TransferEncoding)
+	out.Form, out.PostForm, out.MultipartForm = nil, nil, nil
 	wantWS := isWebSocket(req.Header)
-	sanitizeHeaders(out.Header, true)
+	// A header map of its own, without the hop-by-hop headers. The values
+	// are the app's slices: injection replaces entries, never a slice's
+	// contents.
+	out.Header = sanitizedCopy(req.Header, true)
 
 	var echo *echoScrubber
 	if x.route != nil {
@@ -482,16 +502,20 @@ func (x *exchange) finish() {
 		x.log.Warn("request refused", zap.String("reason", x.reason), zap.Int("status", status),
 			zap.String("method", method), zap.String("host", host), zap.String("path", path), zap.String("error", x.errMsg))
 	}
-	rec := x.record(audit.EventRequest)
+	// The request record and what its pointers point at live in the
+	// exchange: one allocation a request rather than five.
+	a := &x.audited
+	rec := &a.rec
+	*rec = audit.Record{Event: audit.EventRequest, SessionID: x.conn.id, Protocol: protocolName, Service: x.service, Client: x.conn.client}
 	rec.Method, rec.Host, rec.Path, rec.Status = method, host, path, status
 	injected := x.injected
-	rec.Injected = &injected
+	a.injected = injected
+	rec.Injected = &a.injected
 	if x.route != nil && x.handle != nil {
 		rec.Credential = x.route.cfg.Credentials
 	}
-	rec.BytesIn = audit.Int64(x.bytesIn.Load())
-	rec.BytesOut = audit.Int64(x.bytesOut.Load())
-	rec.DurationMS = audit.Int64(dur.Milliseconds())
+	a.bytesIn, a.bytesOut, a.durationMS = x.bytesIn.Load(), x.bytesOut.Load(), dur.Milliseconds()
+	rec.BytesIn, rec.BytesOut, rec.DurationMS = &a.bytesIn, &a.bytesOut, &a.durationMS
 	p.audit.Record(rec)
 	routeName := ""
 	if x.route != nil {

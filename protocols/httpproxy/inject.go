@@ -531,22 +531,9 @@ func headerHasToken(h http.Header, name, token string) bool {
 // app's copy of it.
 func sanitizeHeaders(h http.Header, keepWebSocket bool) {
 	ws := keepWebSocket && isWebSocket(h)
-	named := map[string]bool{}
-	for k, vs := range h {
-		if !strings.EqualFold(k, "Connection") {
-			continue
-		}
-		for _, v := range vs {
-			for t := range strings.SplitSeq(v, ",") {
-				if t = strings.TrimSpace(t); t != "" {
-					named[textproto.CanonicalMIMEHeaderKey(t)] = true
-				}
-			}
-		}
-	}
+	named := connectionNamed(h)
 	for k := range h {
-		ck := textproto.CanonicalMIMEHeaderKey(k)
-		if isHopByHop(ck) || named[ck] {
+		if dropHeader(k, &named) {
 			delete(h, k)
 		}
 	}
@@ -554,6 +541,81 @@ func sanitizeHeaders(h http.Header, keepWebSocket bool) {
 		h["Connection"] = []string{"Upgrade"}
 		h["Upgrade"] = []string{"websocket"}
 	}
+}
+
+// sanitizedCopy is sanitizeHeaders on a new map with h's entries: h is
+// left as it is, and the copy shares its value slices.
+func sanitizedCopy(h http.Header, keepWebSocket bool) http.Header {
+	ws := keepWebSocket && isWebSocket(h)
+	named := connectionNamed(h)
+	out := make(http.Header, len(h))
+	for k, vs := range h {
+		if !dropHeader(k, &named) {
+			out[k] = vs
+		}
+	}
+	if ws {
+		out["Connection"] = []string{"Upgrade"}
+		out["Upgrade"] = []string{"websocket"}
+	}
+	return out
+}
+
+// namedHeaders are the headers a Connection header names, canonical: a
+// few in a slice (the usual case, no map to make), more in a map (the app
+// picks how many; a lookup must not cost as many comparisons).
+type namedHeaders struct {
+	few  []string
+	many map[string]bool
+}
+
+const maxFewNamed = 8
+
+func (n *namedHeaders) add(name string) {
+	if n.many != nil {
+		n.many[name] = true
+		return
+	}
+	n.few = append(n.few, name)
+	if len(n.few) > maxFewNamed {
+		n.many = make(map[string]bool, 2*len(n.few))
+		for _, f := range n.few {
+			n.many[f] = true
+		}
+		n.few = nil
+	}
+}
+
+func (n *namedHeaders) has(name string) bool {
+	if n.many != nil {
+		return n.many[name]
+	}
+	return slices.Contains(n.few, name)
+}
+
+// connectionNamed lists the headers the Connection header names.
+func connectionNamed(h http.Header) namedHeaders {
+	var named namedHeaders
+	for k, vs := range h {
+		if !strings.EqualFold(k, "Connection") {
+			continue
+		}
+		for _, v := range vs {
+			for t := range strings.SplitSeq(v, ",") {
+				if t = strings.TrimSpace(t); t != "" {
+					named.add(textproto.CanonicalMIMEHeaderKey(t))
+				}
+			}
+		}
+	}
+	return named
+}
+
+// dropHeader reports whether header k goes: hop-by-hop, Proxy-*, or
+// named by Connection.
+func dropHeader(k string, named *namedHeaders) bool {
+	ck := textproto.CanonicalMIMEHeaderKey(k)
+	return isHopByHop(ck) || named.has(ck)
 }
 
 // deleteHeaderFold deletes name in any letter case, including keys that
