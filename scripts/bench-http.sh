@@ -36,6 +36,9 @@
 # response bytes. BENCH_PROFILE=DIR builds credproxy with -tags pprof and
 # writes its CPU and allocation profiles of the run to DIR (cpu.pprof,
 # allocs.pprof; `go tool pprof bin/credproxy-pprof DIR/cpu.pprof`).
+# BENCH_PROXY_GOMAXPROCS=N runs credproxy (only) with GOMAXPROCS=N, as a
+# sidecar under a CPU limit would be (unset: the Go runtime's default);
+# Squid runs one worker, a single thread, whatever it is.
 #
 # It measures and never judges: the targets are printed beside the figures
 # and the exit status is 0 whenever the runs worked. Everything it starts
@@ -56,6 +59,8 @@ for v in SECS ROUNDS CLIENTS NEW_HOSTS BODY; do
 done
 ((NEW_HOSTS <= 250)) || die "BENCH_NEW_HOSTS must be at most 250 (loopback addresses 127.0.0.2 on)"
 PROFILE=${BENCH_PROFILE:-}
+PROXY_PROCS=${BENCH_PROXY_GOMAXPROCS:-}
+[[ -z $PROXY_PROCS || $PROXY_PROCS =~ ^[1-9][0-9]*$ ]] || die "BENCH_PROXY_GOMAXPROCS must be a positive integer, not '$PROXY_PROCS'"
 
 heading "0. preparing: Squid (squid-openssl), bin/credproxy, the load generator"
 bash "$REPO_ROOT/scripts/deps.sh" --bench
@@ -117,8 +122,12 @@ YAML
 YAML
 	done
 } >"$WORK/cp/credproxy.yaml"
-start_credproxy "$WORK/cp/credproxy.yaml" "$WORK/cp/credproxy.log" "$CP_PORT"
-note "credproxy pid $CREDPROXY_PID on 127.0.0.1:$CP_PORT ($((NEW_HOSTS + 1)) routes)"
+if [[ -n $PROXY_PROCS ]]; then
+	GOMAXPROCS=$PROXY_PROCS start_credproxy "$WORK/cp/credproxy.yaml" "$WORK/cp/credproxy.log" "$CP_PORT"
+else
+	start_credproxy "$WORK/cp/credproxy.yaml" "$WORK/cp/credproxy.log" "$CP_PORT"
+fi
+note "credproxy pid $CREDPROXY_PID on 127.0.0.1:$CP_PORT ($((NEW_HOSTS + 1)) routes), GOMAXPROCS ${PROXY_PROCS:-default}"
 
 heading "3. starting Squid (ssl_bump bump for the upstream, its own CA, no cache)"
 SQ_PORT=$(free_port)
@@ -177,7 +186,7 @@ heading "4. the load: direct, credproxy, Squid; $CLIENTS clients, ${SECS}s each 
 read -r load1 load5 _ </proc/loadavg
 "$BENCHHTTP" load -url "https://127.0.0.1:$UP_PORT/x" \
 	-new-host-url "https://127.0.0.%d:$UP_PORT/first" -new-hosts "$NEW_HOSTS" \
-	-duration "${SECS}s" -rounds "$ROUNDS" -concurrency "$CLIENTS" \
+	-duration "${SECS}s" -rounds "$ROUNDS" -concurrency "$CLIENTS" -upstream-pid "$UP_PID" \
 	-note "machine: $(nproc) CPUs, load average $load1 (1 min) $load5 (5 min) before the run; load generator, proxies and upstream share them; $BODY-byte responses" \
 	-via "direct=-,$UPSTREAM_CA" \
 	-via "credproxy=http://127.0.0.1:$CP_PORT,$WORK/cp/ca/ca.pem,$CREDPROXY_PID" \

@@ -151,7 +151,7 @@ func (p *Proxy) serveInner(w http.ResponseWriter, r *http.Request) {
 	// goproxy wants an absolute URL; it names the tunnel's host, and decide
 	// refuses the request unless the request named the same one.
 	x.req.URL.Scheme = t.scheme
-	x.req.URL.Host = authority(t.host, t.port, t.scheme)
+	x.req.URL.Host = t.authority
 	p.gp.ServeHTTP(x.rw, x.req)
 }
 
@@ -168,8 +168,8 @@ func innerAuthority(r *http.Request, t *tunnel) (host, port, scheme string, err 
 		def = portHTTP
 	}
 	h := r.Host
-	if h == "" {
-		return t.host, t.port, scheme, nil
+	if h == "" || h == t.hostPort || (h == t.authority && scheme == t.scheme) {
+		return t.host, t.port, scheme, nil // what splitAuthority would say
 	}
 	host, port, err = splitAuthority(h, def)
 	return host, port, scheme, err

@@ -27,7 +27,12 @@ type tunnel struct {
 	route      *route
 	host, port string // the CONNECT target, normalized
 	scheme     string // "https" (TLS inside) or "http" (cleartext inside)
-	log        *zap.Logger
+	// authority is host and port as a URL names them for scheme (no
+	// default port), hostPort with the port always: computed once, they
+	// spare each request in the tunnel parsing its Host again when it is
+	// one of them (innerAuthority).
+	authority, hostPort string
+	log                 *zap.Logger
 
 	// Set during the TLS handshake (GetConfigForClient), read by requests
 	// afterwards.
@@ -117,6 +122,9 @@ func (p *Proxy) serveTunnel(x *exchange, t *tunnel, client net.Conn) error {
 	t.scheme = "http"
 	if isTLS {
 		t.scheme = "https"
+	}
+	t.authority, t.hostPort = authority(t.host, t.port, t.scheme), net.JoinHostPort(t.host, t.port)
+	if isTLS {
 		tc := tls.Server(conn, p.tunnelTLS(t))
 		hctx, cancel := context.WithTimeout(ctx, handshakeTimeout)
 		err := tc.HandshakeContext(hctx)

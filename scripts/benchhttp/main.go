@@ -228,6 +228,7 @@ type via struct {
 	lat               []time.Duration
 	elapsed           time.Duration
 	cpu               time.Duration // the proxy process's CPU time while its load ran
+	loadCPU, upCPU    time.Duration // the load generator's and the upstream's
 	withCred, without int
 }
 
@@ -296,6 +297,7 @@ func load(args []string) error {
 	warmup := fs.Duration("warmup", 2*time.Second, "unmeasured time per way before the measured rounds")
 	rounds := fs.Int("rounds", 5, "rounds the measured time is split into; the ways take turns")
 	concurrency := fs.Int("concurrency", 8, "concurrent keep-alive clients")
+	upPID := fs.Int("upstream-pid", 0, "the upstream's process, to charge CPU time to (0: not counted)")
 	note := fs.String("note", "", "a line printed under the heading (what else runs, versions)")
 	var vias viaFlags
 	fs.Var(&vias, "via", "NAME=PROXY,CA[,PID]: a way to the upstream (PROXY - for direct); repeat; the first is the baseline")
@@ -324,12 +326,14 @@ func load(args []string) error {
 	slice := *duration / time.Duration(*rounds)
 	for range *rounds {
 		for i, w := range vias {
-			cpu0 := procCPU(w.pid)
+			cpu0, load0, up0 := procCPU(w.pid), procCPU(os.Getpid()), procCPU(*upPID)
 			r, err := run(clients[i], *target, *concurrency, slice)
 			if err != nil {
 				return fmt.Errorf("%s: %w", w.name, err)
 			}
 			w.cpu += procCPU(w.pid) - cpu0
+			w.loadCPU += procCPU(os.Getpid()) - load0
+			w.upCPU += procCPU(*upPID) - up0
 			w.lat = append(w.lat, r.lat...)
 			w.withCred += r.withCred
 			w.without += r.without
@@ -354,6 +358,33 @@ func load(args []string) error {
 		}
 		fmt.Printf("%-12s %10.0f %7.2fx %10s %10s %12s %14s %12s\n", w.name, res[i].rps, res[i].rps/base.rps,
 			fmtDur(res[i].p50), fmtDur(res[i].p99), over, cpu, credential(w.withCred, w.without))
+	}
+
+	// Where the CPU went: when the machine's CPUs are the bound, a way's
+	// req/s relative to direct can be at most direct's CPU per request
+	// over its own, every process counted.
+	if *upPID != 0 {
+		fmt.Println()
+		fmt.Println("CPU time per request, by process (the machine's whole CPU budget is shared by them and by whatever else runs)")
+		fmt.Printf("%-12s %14s %10s %10s %10s %26s\n", "way", "load generator", "upstream", "proxy", "total", "CPU-bound ceiling vs direct")
+		var baseTotal time.Duration
+		for i, w := range vias {
+			if len(w.lat) == 0 {
+				continue
+			}
+			n := time.Duration(len(w.lat))
+			total := (w.loadCPU + w.upCPU + w.cpu) / n
+			proxyCPU, ceiling := "-", "-"
+			if w.pid != 0 {
+				proxyCPU = fmtDur(w.cpu / n)
+			}
+			if i == 0 {
+				baseTotal = total
+			} else if total > 0 {
+				ceiling = fmt.Sprintf("%.2fx", float64(baseTotal)/float64(total))
+			}
+			fmt.Printf("%-12s %14s %10s %10s %10s %26s\n", w.name, fmtDur(w.loadCPU/n), fmtDur(w.upCPU/n), proxyCPU, fmtDur(total), ceiling)
+		}
 	}
 
 	var first []summary
