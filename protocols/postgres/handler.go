@@ -188,17 +188,17 @@ func (e *tooManyError) Error() string {
 func (s *session) refuseAtOnce() error {
 	h := s.h
 	err := &tooManyError{key: "max_handshakes", limit: h.cfg.MaxHandshakes, reason: RefusedMaxHandshakes}
-	resp, reason := clientError(err)
+	resp, kind := clientError(err)
 	msg, _ := resp.Encode(nil)
 	rec := s.record(audit.EventDenied)
-	rec.Reason = reason
+	rec.Reason = kind.reason()
 	rec.Error = audit.String(resp.Message)
 	rec.SQLState = resp.Code
 	h.audit.Record(rec)
-	h.denied(reason)
+	h.denied(kind)
 	h.obs.Refused(protocolName, h.cfg.Name, err.reason)
 	if ce := s.log.Check(zap.DebugLevel, "session refused"); ce != nil {
-		ce.Write(zap.String("reason", reason), zap.String("sqlstate", resp.Code), zap.String("error", resp.Message))
+		ce.Write(zap.String("reason", kind.reason()), zap.String("sqlstate", resp.Code), zap.String("error", resp.Message))
 	}
 	conn := s.client.Conn
 	release, ok := h.limits.Linger()
@@ -332,8 +332,7 @@ func (s *session) login(ctx context.Context, params map[string]string) (*credent
 			return handle, up, nil
 		}
 		handle.Release()
-		var ue *upstreamError
-		if attempt == 0 && handle.Credential.Lease.Leased() && errors.As(err, &ue) && ue.reason == "upstream auth failed" {
+		if attempt == 0 && handle.Credential.Lease.Leased() && kindOf(err).freshCredentialMayHelp() {
 			s.log.Warn("upstream refused a leased credential; retrying with a fresh one", zap.Error(err))
 			handle.Invalidate()
 			continue
@@ -349,13 +348,14 @@ func (s *session) acquire(ctx context.Context) (*credentials.Handle, error) {
 	defer cancel()
 	handle, err := h.creds.Acquire(fctx, h.cfg.Credentials)
 	if err != nil {
-		return nil, &upstreamError{code: codeConnectionFailure, reason: "credential unavailable", msg: err.Error()}
+		// The store's errors are scrubbed when built (credentials.Error).
+		return nil, newUpstreamError(failCredential, codeConnectionFailure, err.Error(), nil)
 	}
 	for _, f := range []string{"username", "password"} {
 		if _, ok := handle.Credential.Field(f); !ok {
 			handle.Release()
-			return nil, &upstreamError{code: codeConnectionFailure, reason: "credential unavailable",
-				msg: fmt.Sprintf("credential %q unavailable: it has no field %q (fields: %v)", h.cfg.Credentials, f, handle.Credential.FieldNames())}
+			return nil, newUpstreamError(failCredential, codeConnectionFailure,
+				fmt.Sprintf("credential %q unavailable: it has no field %q (fields: %v)", h.cfg.Credentials, f, handle.Credential.FieldNames()), nil)
 		}
 	}
 	return handle, nil
@@ -375,9 +375,8 @@ func (s *session) connect(ctx context.Context, user string, password credentials
 	up, err := s.h.login(conn, user, password, params)
 	if !stop() || err != nil {
 		conn.Close()
-		if err == nil || ctx.Err() != nil {
-			err = &upstreamError{code: codeUnableToConnect, reason: "upstream timeout",
-				msg: fmt.Sprintf("upstream %s did not complete the handshake in time", s.h.cfg.Upstream), err: ctx.Err()}
+		if to := s.h.handshakeTimeout(ctx, err, "login"); to != nil {
+			err = to
 		}
 		return nil, err
 	}
@@ -412,7 +411,8 @@ func (s *session) record(event string) *audit.Record {
 // to the app (after anything already pending in out), a denied record and
 // a log line. It returns the error for the caller to return.
 func (s *session) deny(err error, out []byte) error {
-	resp, reason := clientError(err)
+	resp, kind := clientError(err)
+	reason := kind.reason()
 	out, _ = resp.Encode(out)
 	_ = s.raw.SetWriteDeadline(time.Now().Add(time.Second))
 	_, _ = s.raw.Write(out)
@@ -425,31 +425,32 @@ func (s *session) deny(err error, out []byte) error {
 	rec.Database = s.database
 	rec.DBUser = s.dbUser
 	s.h.audit.Record(rec)
-	s.h.denied(reason)
+	s.h.denied(kind)
 	s.log.Warn("session denied", zap.String("reason", reason), zap.String("sqlstate", resp.Code), zap.String("error", resp.Message))
 	return err
 }
 
-// clientError maps a failure to the ErrorResponse the app sees and the audit
-// reason. Messages start with "credproxy: " unless the upstream's own error
+// clientError maps a failure to the ErrorResponse the app sees and its
+// kind. Messages start with "credproxy: " unless the upstream's own error
 // is being passed on.
-func clientError(err error) (*pgproto3.ErrorResponse, string) {
-	var ue *upstreamError
-	if errors.As(err, &ue) {
+func clientError(err error) (*pgproto3.ErrorResponse, failKind) {
+	var (
+		ue *upstreamError
+		tm *tooManyError
+		se *startupError
+	)
+	switch {
+	case errors.As(err, &ue):
 		if ue.resp != nil {
-			return ue.resp, ue.reason
+			return ue.resp, ue.kind
 		}
-		return fatal(ue.code, "credproxy: "+ue.Error()), ue.reason
+		return fatal(ue.code, "credproxy: "+ue.msg), ue.kind
+	case errors.As(err, &tm):
+		return fatal(codeTooManyConnections, "credproxy: "+tm.Error()), failTooMany
+	case errors.As(err, &se):
+		return fatal(se.code, "credproxy: "+se.msg), se.failKind()
 	}
-	var tm *tooManyError
-	if errors.As(err, &tm) {
-		return fatal(codeTooManyConnections, "credproxy: "+tm.Error()), "too many clients"
-	}
-	var se *startupError
-	if errors.As(err, &se) {
-		return fatal(se.code, "credproxy: "+se.msg), "bad startup"
-	}
-	return fatal(codeInternalError, "credproxy: "+err.Error()), "internal error"
+	return fatal(codeInternalError, "credproxy: "+err.Error()), failInternal
 }
 
 // end writes the session_end record and the canonical end-of-session log line.

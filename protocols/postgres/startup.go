@@ -15,6 +15,7 @@ import (
 
 // startupError is a problem with what the app sent before authentication.
 type startupError struct {
+	kind failKind // failBadStartup unless set
 	code string
 	msg  string
 	err  error
@@ -28,6 +29,14 @@ func (e *startupError) Error() string {
 }
 
 func (e *startupError) Unwrap() error { return e.err }
+
+// failKind is the error's kind: bad startup unless it says otherwise.
+func (e *startupError) failKind() failKind {
+	if e.kind == failInternal {
+		return failBadStartup
+	}
+	return e.kind
+}
 
 // readStartup reads packets until a StartupMessage, answering SSLRequest and
 // GSSENCRequest on the way and serving a CancelRequest. It returns the
