@@ -76,6 +76,7 @@ func New(cfg *config.Config, log *zap.Logger, o Options) (*Server, error) {
 		listeners: make(map[string]*listener), limits: make(map[string]*limit.Listener)}
 	s.sessCtx, s.killAll = context.WithCancel(context.Background())
 	s.metrics.registerReady(func() bool { return len(s.notReady()) == 0 })
+	s.metrics.registerAuditWaiting(s.audit.waiting)
 	b, err := s.build(cfg)
 	if err != nil {
 		return nil, err
@@ -272,6 +273,14 @@ func (s *swapSink) Record(r *audit.Record) {
 	if sink != nil {
 		sink.Record(r)
 	}
+}
+
+// waiting is how many records wait for the current audit writer.
+func (s *swapSink) waiting() int {
+	if w, ok := s.current().(interface{ Waiting() int }); ok {
+		return w.Waiting()
+	}
+	return 0
 }
 
 func (s *swapSink) current() audit.Sink {

@@ -3,6 +3,7 @@ package postgres
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -340,9 +341,14 @@ func (r *relay) statement(typ byte, body []byte, truncated bool) {
 	if !ok {
 		return // malformed: the upstream will refuse it
 	}
+	r.mu.Lock()
+	enc := r.shown["client_encoding"]
+	r.mu.Unlock()
 	rec := r.s.record(audit.EventQuery)
-	rec.SQL = sql
+	rec.SQL, rec.SQLBase64, rec.SQLEncoding = auditText(sql, enc, truncated)
 	rec.SQLTruncated = truncated
+	// Written before the statement goes on to the backend: a slow audit
+	// sink holds the session back (see package audit).
 	r.s.h.audit.Record(rec)
 }
 
@@ -463,45 +469,37 @@ type errTerminated struct{ resp *pgproto3.ErrorResponse }
 
 func (e *errTerminated) Error() string { return e.resp.Message }
 
-// statementText extracts the SQL of a Query ('Q') or Parse ('P') body with
-// pgproto3; a truncated body (over maxAuditSQL) yields its leading text.
-func statementText(typ byte, body []byte, truncated bool) (sql string, ok bool) {
-	// The body is untrusted; pgproto3/v2's decoders index into it (Query
-	// panics on an empty body), so guard them rather than crash the relay.
-	defer func() {
-		if recover() != nil {
-			sql, ok = "", false
-		}
-	}()
-	if !truncated {
-		if len(body) == 0 {
-			return "", false
-		}
-		switch typ {
-		case 'Q':
-			var q pgproto3.Query
-			if q.Decode(body) != nil {
-				return "", false
-			}
-			return q.String, true
-		case 'P':
-			var p pgproto3.Parse
-			if p.Decode(body) != nil {
-				return "", false
-			}
-			return p.Query, true
-		}
-		return "", false
-	}
+// statementText extracts the SQL of a Query ('Q') or Parse ('P') body,
+// as the bytes the app sent; a truncated body (over maxAuditSQL) yields
+// its leading text. It refers to body.
+func statementText(typ byte, body []byte, truncated bool) (sql []byte, ok bool) {
 	if typ == 'P' { // skip the statement name
 		i := bytes.IndexByte(body, 0)
 		if i < 0 {
-			return "", false
+			return nil, false
 		}
 		body = body[i+1:]
+	} else if typ != 'Q' {
+		return nil, false
 	}
-	if i := bytes.IndexByte(body, 0); i >= 0 {
-		body = body[:i]
+	i := bytes.IndexByte(body, 0)
+	switch {
+	case i >= 0 && !truncated && !wellFormedTail(typ, body[i+1:]):
+		return nil, false // PostgreSQL refuses the message
+	case i >= 0:
+		return body[:i], true
+	case truncated:
+		return body, true
 	}
-	return string(body), true
+	return nil, false // not terminated: malformed
+}
+
+// wellFormedTail reports whether what follows a statement's text is what
+// PostgreSQL expects there: nothing after a Query's; a Parse's parameter
+// type count and that many OIDs.
+func wellFormedTail(typ byte, rest []byte) bool {
+	if typ == 'Q' {
+		return len(rest) == 0
+	}
+	return len(rest) >= 2 && len(rest) == 2+4*int(binary.BigEndian.Uint16(rest))
 }

@@ -154,10 +154,10 @@ func TestStatementText(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			var got string
+			var b []byte
 			var ok bool
-			noPanic(t, "statementText", func() { got, ok = statementText(tc.typ, tc.body, tc.truncated) })
-			if got != tc.want || ok != tc.wantOK {
+			noPanic(t, "statementText", func() { b, ok = statementText(tc.typ, tc.body, tc.truncated) })
+			if got := string(b); got != tc.want || ok != tc.wantOK {
 				t.Errorf("statementText = %q, %v; want %q, %v", got, ok, tc.want, tc.wantOK)
 			}
 		})
