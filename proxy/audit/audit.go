@@ -178,9 +178,28 @@ func (w *Writer) Record(r *Record) {
 	w.waiting.Add(-1)
 	defer w.mu.Unlock()
 	w.buf.Reset()
+	// The statement goes into the buffer directly, not through
+	// encoding/json: json.Encoder encodes into a buffer of its own, pooled
+	// in a sync.Pool that every GC empties, and copies from there, so a
+	// long statement would cost a fresh statement-sized buffer per record
+	// whenever a GC came between two. What encoding/json sees is small.
+	sql, sql64 := rec.SQL, rec.SQLBase64
+	rec.SQL, rec.SQLBase64 = "", ""
 	if err := w.enc.Encode(&rec); err != nil { // Encode ends the line with '\n'
 		w.fail(err)
 		return
+	}
+	if sql != "" || sql64 != "" {
+		w.buf.Truncate(w.buf.Len() - len("}\n"))
+		if sql != "" {
+			w.buf.WriteString(`,"sql":`)
+			writeJSONString(&w.buf, sql)
+		}
+		if sql64 != "" {
+			w.buf.WriteString(`,"sql_base64":`)
+			writeJSONString(&w.buf, sql64)
+		}
+		w.buf.WriteString("}\n")
 	}
 	// One write per record: with O_APPEND, lines from concurrent sessions
 	// never interleave.
@@ -272,6 +291,54 @@ func runeJSONLen(s string) (encoded, size int) {
 		return 6, size
 	}
 	return size, size
+}
+
+// writeJSONString writes s as a JSON string, as encoding/json does without
+// HTML escaping (jsonLen is its length): invalid UTF-8 becomes \ufffd.
+func writeJSONString(b *bytes.Buffer, s string) {
+	const hex = "0123456789abcdef"
+	b.WriteByte('"')
+	for i := 0; i < len(s); {
+		c := s[i]
+		if c < utf8.RuneSelf {
+			switch {
+			case c == '"' || c == '\\':
+				b.WriteByte('\\')
+				b.WriteByte(c)
+			case c == '\b':
+				b.WriteString(`\b`)
+			case c == '\f':
+				b.WriteString(`\f`)
+			case c == '\n':
+				b.WriteString(`\n`)
+			case c == '\r':
+				b.WriteString(`\r`)
+			case c == '\t':
+				b.WriteString(`\t`)
+			case c < 0x20:
+				b.WriteString(`\u00`)
+				b.WriteByte(hex[c>>4])
+				b.WriteByte(hex[c&0xf])
+			default:
+				b.WriteByte(c)
+			}
+			i++
+			continue
+		}
+		r, size := utf8.DecodeRuneInString(s[i:])
+		switch {
+		case r == utf8.RuneError && size == 1:
+			b.WriteString(`\ufffd`)
+		case r == '\u2028':
+			b.WriteString(`\u2028`)
+		case r == '\u2029':
+			b.WriteString(`\u2029`)
+		default:
+			b.WriteString(s[i : i+size])
+		}
+		i += size
+	}
+	b.WriteByte('"')
 }
 
 func (w *Writer) fail(err error) {

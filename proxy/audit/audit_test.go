@@ -645,3 +645,28 @@ func TestRecordMemoryBounded(t *testing.T) {
 		t.Errorf("%d bytes allocated per record, want the reused buffer only", perRecord)
 	}
 }
+
+// writeJSONString must write exactly what encoding/json writes (without
+// HTML escaping), and jsonLen must count it.
+func FuzzWriteJSONString(f *testing.F) {
+	for _, s := range []string{"", "select 1", "<&>", "\"\\\b\f\n\r\t\x00\x1f\x7f", "caf\xe9", "\u2028\u2029é€😀", "\xff\xfe"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		var want bytes.Buffer
+		enc := json.NewEncoder(&want)
+		enc.SetEscapeHTML(false)
+		if err := enc.Encode(s); err != nil {
+			t.Fatal(err)
+		}
+		var got bytes.Buffer
+		writeJSONString(&got, s)
+		got.WriteByte('\n')
+		if got.String() != want.String() {
+			t.Errorf("writeJSONString(%q) = %s, encoding/json %s", s, got.String(), want.String())
+		}
+		if n := jsonLen(s); n != want.Len()-1 {
+			t.Errorf("jsonLen(%q) = %d, encoded %d", s, n, want.Len()-1)
+		}
+	})
+}
