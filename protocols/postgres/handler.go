@@ -297,6 +297,9 @@ func (s *session) run(ctx context.Context) error {
 	rec.Database = s.database
 	rec.DBUser = s.dbUser
 	rec.Credential = handle.Name
+	if up.key != nil {
+		rec.BackendPID = int64(up.key.ProcessID) // the app's too: see CancelRegistry.issue
+	}
 	if l := handle.Lease(); l.Leased() {
 		rec.Lease = &audit.Lease{IDSHA256: l.IDHash(), TTLSecs: int64(time.Until(l.Expiry()).Seconds())}
 	}
@@ -465,19 +468,29 @@ func (s *session) end(err error) error {
 		msg = err.Error()
 	}
 	rec.Error = audit.String(msg)
-	var te *errTerminated
-	if errors.As(err, &te) {
+	var (
+		te *errTerminated
+		ue *upstreamEndError
+	)
+	switch {
+	case errors.As(err, &te):
 		rec.SQLState = te.resp.Code
+	case errors.As(err, &ue):
+		rec.SQLState = ue.sqlstate()
 	}
 	s.h.audit.Record(rec)
+	result := "ok"
+	if err != nil {
+		result = "error"
+	}
 	if s.started {
-		result := "ok"
-		if err != nil {
-			result = "error"
-		}
 		s.h.obs.SessionEnded(protocolName, s.h.cfg.Name, result, dur, *rec.BytesIn, *rec.BytesOut)
 	}
-	s.log.Info("session ended", zap.Int64("bytes_in", *rec.BytesIn), zap.Int64("bytes_out", *rec.BytesOut),
-		zap.Duration("duration", dur), zap.String("error", msg))
+	fields := []zap.Field{zap.String("result", result), zap.Int64("bytes_in", *rec.BytesIn), zap.Int64("bytes_out", *rec.BytesOut),
+		zap.Duration("duration", dur), zap.String("error", msg)}
+	if rec.SQLState != "" {
+		fields = append(fields, zap.String("sqlstate", rec.SQLState))
+	}
+	s.log.Info("session ended", fields...)
 	return err
 }

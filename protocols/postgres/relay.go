@@ -187,9 +187,17 @@ func (r *relay) run(ctx context.Context) error {
 		s.client.Out.Add(r.out)
 	}
 
-	var te *errTerminated
+	var (
+		te *errTerminated
+		ue *upstreamEndError
+	)
 	if errors.As(firstErr, &te) {
 		return te
+	}
+	if !errors.As(firstErr, &ue) && up.scan.fatal != nil {
+		// The backend ended the session with a FATAL; the app, having read
+		// it, may have closed before the backend did.
+		return &upstreamEndError{resp: up.scan.fatal}
 	}
 	if ctx.Err() != nil && firstErr != nil {
 		return fmt.Errorf("closed by shutdown: %w", firstErr)
@@ -397,10 +405,7 @@ func (r *relay) toClient() error {
 			return fmt.Errorf("backend sent an %w", serr)
 		}
 		if rerr != nil {
-			if errors.Is(rerr, io.EOF) {
-				return nil
-			}
-			return rerr
+			return r.backendEnded(up, rerr)
 		}
 		need = max(more, 1)
 
@@ -425,6 +430,54 @@ func (r *relay) toClient() error {
 			need = 1
 		}
 	}
+}
+
+// backendEnded is what the backend's read error err means for the
+// session. After the app's Terminate the backend closing is the clean end.
+// Otherwise PostgreSQL ended the session (pg_terminate_backend, a fast or
+// immediate shutdown, a crash): an *upstreamEndError, with the FATAL or
+// PANIC it sent, if any. Any other read error is returned as it is.
+func (r *relay) backendEnded(up *backend, err error) error {
+	r.mu.Lock()
+	closing := r.closing
+	r.mu.Unlock()
+	switch {
+	case up.scan.fatal != nil:
+		return &upstreamEndError{resp: up.scan.fatal, err: err}
+	case closing && errors.Is(err, io.EOF):
+		return nil
+	case errors.Is(err, io.EOF):
+		return &upstreamEndError{err: err}
+	}
+	return err
+}
+
+// upstreamEndError is a session the backend ended without the app asking:
+// an abnormal end, as a direct connection's app sees one.
+type upstreamEndError struct {
+	resp *pgproto3.ErrorResponse // the FATAL or PANIC the backend sent; nil when it just closed
+	err  error                   // the read's error: io.EOF for a close
+}
+
+func (e *upstreamEndError) Error() string {
+	if e.resp != nil {
+		return fmt.Sprintf("backend ended the session: %s %s %s", e.resp.Severity, e.resp.Code, e.resp.Message)
+	}
+	if errors.Is(e.err, io.EOF) {
+		return "backend closed the connection unexpectedly"
+	}
+	return "backend closed the connection unexpectedly: " + e.err.Error()
+}
+
+func (e *upstreamEndError) Unwrap() error { return e.err }
+
+// sqlstate is the FATAL's SQLSTATE, else 08006 (connection failure), as
+// for a connection lost.
+func (e *upstreamEndError) sqlstate() string {
+	if e.resp != nil && e.resp.Code != "" {
+		return e.resp.Code
+	}
+	return codeConnectionFailure
 }
 
 // current is the backend the session talks to.
