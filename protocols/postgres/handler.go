@@ -124,6 +124,10 @@ type session struct {
 	handshaking      bool // holds a max_handshakes place
 	slot             bool // holds a max_sessions place
 	database, dbUser string
+	// replication is the app's replication request: "physical",
+	// "logical" (see replicationMode) or "" for an ordinary session.
+	replication string
+
 	// appPID is the process id the app was given (BackendKeyData); cancel
 	// is its cancel key's entry, which a migration points at the new
 	// backend.
@@ -297,6 +301,7 @@ func (s *session) run(ctx context.Context) error {
 	rec.Database = s.database
 	rec.DBUser = s.dbUser
 	rec.Credential = handle.Name
+	rec.Replication = s.replication
 	if up.key != nil {
 		rec.BackendPID = int64(up.key.ProcessID) // the app's too: see CancelRegistry.issue
 	}
@@ -306,8 +311,12 @@ func (s *session) run(ctx context.Context) error {
 	h.audit.Record(rec)
 	s.started = true
 	h.obs.SessionStarted(protocolName, h.cfg.Name)
-	s.log.Info("session started", zap.String("upstream", h.cfg.Upstream),
-		zap.String("database", s.database), zap.String("db_user", s.dbUser), zap.String("credential", handle.Name))
+	fields := []zap.Field{zap.String("upstream", h.cfg.Upstream),
+		zap.String("database", s.database), zap.String("db_user", s.dbUser), zap.String("credential", handle.Name)}
+	if s.replication != "" {
+		fields = append(fields, zap.String("replication", s.replication))
+	}
+	s.log.Info("session started", fields...)
 
 	relayed = true
 	return s.end(newRelay(s, up, handle, params).run(ctx))
@@ -427,6 +436,7 @@ func (s *session) deny(err error, out []byte) error {
 	rec.Upstream = s.h.cfg.Upstream
 	rec.Database = s.database
 	rec.DBUser = s.dbUser
+	rec.Replication = s.replication
 	s.h.audit.Record(rec)
 	s.h.denied(kind)
 	s.log.Warn("session denied", zap.String("reason", reason), zap.String("sqlstate", resp.Code), zap.String("error", resp.Message))
