@@ -54,6 +54,7 @@ type Server struct {
 	audits   []*audit.Writer            // every audit file opened, closed at Close
 	closers  []func() error             // every handler with resources of its own
 	limits   map[string]*limit.Listener // each listener's counters, by Service.key
+	budget   *limit.Budget              // the process's open-file budget, shared by every listener
 
 	mu         sync.Mutex
 	listeners  map[string]*listener // by Service.key
@@ -73,7 +74,8 @@ type Server struct {
 // protocols, but binds nothing.
 func New(cfg *config.Config, log *zap.Logger, o Options) (*Server, error) {
 	s := &Server{log: log, metrics: NewMetrics(), audit: &swapSink{}, protocols: o.Protocols,
-		listeners: make(map[string]*listener), limits: make(map[string]*limit.Listener)}
+		listeners: make(map[string]*listener), limits: make(map[string]*limit.Listener),
+		budget: limit.NewBudget(limit.OpenFileLimit())}
 	s.sessCtx, s.killAll = context.WithCancel(context.Background())
 	s.metrics.registerReady(func() bool { return len(s.notReady()) == 0 })
 	s.metrics.registerAuditWaiting(s.audit.waiting)

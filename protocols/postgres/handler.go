@@ -42,6 +42,9 @@ type Options struct {
 	// engine shares one between the handlers a reload swaps, so the
 	// counts carry over; nil gives the handler counters of its own.
 	Limits *limit.Listener
+	// Budget is the process's open-file budget (nil: none), which every
+	// app connection takes a place in for as long as it is open.
+	Budget *limit.Budget
 }
 
 // Handler serves app connections for one configured Postgres service.
@@ -54,6 +57,7 @@ type Handler struct {
 	log          *zap.Logger
 	obs          *proxy.Metrics // counts sessions; nil-safe
 	limits       *limit.Listener
+	budget       *limit.Budget
 
 	tls       *tls.Config // to the upstream; nil for mode disable
 	clientTLS *tls.Config // offered to apps; nil when not configured
@@ -72,6 +76,7 @@ func NewHandler(o Options) (*Handler, error) {
 		log:          o.Logger,
 		obs:          o.Metrics,
 		limits:       o.Limits,
+		budget:       o.Budget,
 		keepAlive:    30 * time.Second,
 	}
 	if h.limits == nil {
@@ -150,10 +155,18 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, id string) error
 		s.log = s.log.With(zap.String("identity", s.clientInfo.Identity))
 	}
 	defer conn.Close()
+	// Over the open-file budget: refuse at once, before this connection
+	// can take an upstream descriptor, so that the process never runs out
+	// (an accept or a dial failing for want of one leaves the app without
+	// an answer, and the admin server without its reserve).
+	if !h.budget.TryAcquire() {
+		return s.refuseAtOnce(&tooManyError{key: "open-file budget", limit: h.budget.Max(), reason: RefusedOpenFiles})
+	}
+	defer h.budget.Release()
 	// Over max_handshakes: refuse at once, reading nothing, so a flood of
 	// connections that never finish their startup holds nothing.
 	if !h.limits.Handshakes.TryAcquire(h.cfg.MaxHandshakes) {
-		return s.refuseAtOnce()
+		return s.refuseAtOnce(&tooManyError{key: "max_handshakes", limit: h.cfg.MaxHandshakes, reason: RefusedMaxHandshakes})
 	}
 	s.handshaking = true
 	defer s.leaveHandshake()
@@ -175,7 +188,7 @@ func (s *session) leaveHandshake() {
 
 // tooManyError is a connection over max_sessions or max_handshakes.
 type tooManyError struct {
-	key    string // max_sessions | max_handshakes
+	key    string // max_sessions | max_handshakes | open-file budget
 	limit  int
 	reason string // the metric reason
 }
@@ -184,14 +197,14 @@ func (e *tooManyError) Error() string {
 	return fmt.Sprintf("sorry, too many clients already: %s %d reached", e.key, e.limit)
 }
 
-// refuseAtOnce answers a connection over max_handshakes with FATAL 53300,
+// refuseAtOnce answers a connection over max_handshakes or the open-file
+// budget (err says which) with FATAL 53300,
 // audits and counts it. The connection holds no handshake place: while
 // one of the listener's few lingering places is free, the FATAL follows
 // the client's startup packet (or a second's silence), as PostgreSQL
 // sends it; past those it is sent at once, reading nothing.
-func (s *session) refuseAtOnce() error {
+func (s *session) refuseAtOnce(err *tooManyError) error {
 	h := s.h
-	err := &tooManyError{key: "max_handshakes", limit: h.cfg.MaxHandshakes, reason: RefusedMaxHandshakes}
 	resp, kind := clientError(err)
 	msg, _ := resp.Encode(nil)
 	rec := s.record(audit.EventDenied)

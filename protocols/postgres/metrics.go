@@ -12,6 +12,7 @@ const protocolName = "postgres"
 const (
 	RefusedMaxSessions   = "max_sessions"
 	RefusedMaxHandshakes = "max_handshakes"
+	RefusedOpenFiles     = "open_files"
 )
 
 // Deny kinds: the metric label values of failKind (errors.go).
