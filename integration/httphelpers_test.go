@@ -498,15 +498,25 @@ func (h *httpHarness) run(env []string, name string, args ...string) (stdout str
 
 // curl runs curl through the proxy (from the environment) trusting caFile;
 // it prints the body then a last line with the status code.
+//
+// status is the response's code; for a CONNECT the proxy refused, where
+// there is none (curl says 000), it is the CONNECT's code. Tests read
+// codes from here, not from curl's messages: stdout and stderr arrive
+// interleaved in all, and may split a message ("response 40", "\n000", "3").
 func (h *httpHarness) curl(caFile string, args ...string) (status string, body string, all string, err error) {
 	h.t.Helper()
-	base := []string{"-sS", "--max-time", "15", "--cacert", caFile, "-w", "\n%{http_code}"}
+	base := []string{"-sS", "--max-time", "15", "--cacert", caFile, "-w", "\n%{http_code} %{http_connect}"}
 	out, all, err := h.run(h.clientEnv(), "curl", append(base, args...)...)
 	out = strings.TrimRight(out, "\n")
+	last := out
 	if i := strings.LastIndexByte(out, '\n'); i >= 0 {
-		return out[i+1:], out[:i], all, err
+		last, body = out[i+1:], out[:i]
 	}
-	return out, "", all, err
+	status, connect, _ := strings.Cut(last, " ")
+	if status == "000" && connect != "000" && connect != "" {
+		status = connect
+	}
+	return status, body, all, err
 }
 
 // rawConnect opens a CONNECT tunnel by hand and returns the connection

@@ -317,6 +317,7 @@ func (ps *podSet) build(cfg *config.Config, creds Credentials, policy *WorkloadP
 		Metrics:     s.metrics,
 		Limits:      func(string, string) *limit.Listener { return &limit.Listener{} },
 		Share:       s.share,
+		Budget:      s.budget,
 		OwnAddrs:    s.ownAddrs,
 		Workload:    policy,
 	}
