@@ -617,6 +617,9 @@ func TestDaemonSet(t *testing.T) {
 			`credproxy_workload_decisions_total{namespace="payments",result="peer mismatch",service_account="api"}`,
 			`credproxy_workload_decisions_total{namespace="",result="workload not allowed",service_account=""}`,
 			`credproxy_workloads_published{namespace="",service_account=""} 1`,
+			// The postgres refusals by kind, as every other refusal.
+			`credproxy_auth_failures_total{kind="peer_mismatch",protocol="postgres",service="appdb"}`,
+			`credproxy_auth_failures_total{kind="workload_not_allowed",protocol="postgres",service="appdb"}`,
 		} {
 			if !strings.Contains(text, want) {
 				t.Errorf("metrics lack %s", want)

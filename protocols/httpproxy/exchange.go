@@ -509,7 +509,8 @@ func (x *exchange) finish() {
 	// exchange: one allocation a request rather than five.
 	a := &x.audited
 	rec := &a.rec
-	*rec = audit.Record{Event: audit.EventRequest, SessionID: x.conn.id, Protocol: protocolName, Service: x.service, Client: x.conn.client}
+	*rec = audit.Record{Event: audit.EventRequest, SessionID: x.conn.id, Protocol: protocolName, Service: x.service, Client: x.conn.client,
+		Workload: x.conn.workload}
 	rec.Method, rec.Host, rec.Path, rec.Status = method, host, path, status
 	injected := x.injected
 	a.injected = injected
