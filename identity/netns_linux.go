@@ -50,10 +50,11 @@ func (n *Netns) PodNetns(podUID string, current uint64, hint *int) (*os.File, ui
 	}
 	own := map[uint64]bool{}
 	for _, p := range []string{n.proc("self", "ns", "net"), n.proc("1", "ns", "net")} {
-		if fi, err := os.Stat(p); err == nil {
-			if st, ok := fi.Sys().(*unix.Stat_t); ok {
-				own[st.Ino] = true
-			}
+		// (os.Stat's Sys() is a *syscall.Stat_t: asserting *unix.Stat_t
+		// never matched, and no namespace counted as credproxy's own.)
+		var st unix.Stat_t
+		if err := unix.Stat(p, &st); err == nil {
+			own[st.Ino] = true
 		}
 	}
 	var found *os.File
