@@ -371,21 +371,28 @@ func (ps *podSet) watchNetns(p *workloadPod, cfg *config.Config, creds Credentia
 	s := ps.s
 	log := s.log.With(zap.String("pod", p.w.Namespace+"/"+p.w.Pod))
 	var bound uint64
-	var hint int // a process of the pod last seen in namespace bound
+	var hint int     // a process of the pod last seen in namespace bound
+	var hostSeen int // consecutive looks that found the pod in the node's namespace
 	var cur *listener
 	warned := false
 	for {
 		wait := netnsSearchInterval
 		ns, ino, err := ps.netns.PodNetns(p.w.PodUID, bound, &hint)
+		if !errors.Is(err, identity.ErrHostNetwork) {
+			hostSeen = 0
+		}
 		switch {
 		case err != nil:
-			if errors.Is(err, identity.ErrHostNetwork) {
-				// A container joins its pod's namespace a moment after its
-				// cgroup: look again, but seldom once the pod is known to
-				// run in the node's (hostNetwork, which never changes).
-				if warned {
-					wait = netnsCheckInterval
-				} else {
+			if !errors.Is(err, identity.ErrHostNetwork) {
+				break
+			}
+			// A container joins its pod's namespace a moment after its
+			// cgroup: only a pod seen in the node's namespace again and
+			// again is hostNetwork (which never changes); look at it
+			// seldom then.
+			if hostSeen++; hostSeen >= 3 {
+				wait = netnsCheckInterval
+				if !warned {
 					log.Warn("no HTTP listener for a hostNetwork pod: its network namespace is the node's")
 					warned = true
 				}
