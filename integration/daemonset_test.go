@@ -613,10 +613,10 @@ func TestDaemonSet(t *testing.T) {
 	t.Run("metrics by namespace and service account", func(t *testing.T) {
 		text := scrape(t, e.proxy)
 		for _, want := range []string{
-			`credproxy_workload_decisions_total{namespace="payments",result="allowed",service_account="api"}`,
-			`credproxy_workload_decisions_total{namespace="payments",result="peer mismatch",service_account="api"}`,
-			`credproxy_workload_decisions_total{namespace="",result="workload not allowed",service_account=""}`,
-			`credproxy_workloads_published{namespace="",service_account=""} 1`,
+			`credproxy_workload_decisions_total{result="allowed",workload_namespace="payments",workload_service_account="api"}`,
+			`credproxy_workload_decisions_total{result="peer mismatch",workload_namespace="payments",workload_service_account="api"}`,
+			`credproxy_workload_decisions_total{result="workload not allowed",workload_namespace="",workload_service_account=""}`,
+			`credproxy_workloads_published{workload_namespace="",workload_service_account=""} 1`,
 			// The postgres refusals by kind, as every other refusal.
 			`credproxy_auth_failures_total{kind="peer_mismatch",protocol="postgres",service="appdb"}`,
 			`credproxy_auth_failures_total{kind="workload_not_allowed",protocol="postgres",service="appdb"}`,

@@ -5,7 +5,9 @@ import "github.com/prometheus/client_golang/prometheus"
 // workloadMetrics count DaemonSet mode's pods and decisions by namespace
 // and service account. The label values are those of a workloads rule
 // (bounded by the config); pods no rule matches count under "" and "",
-// so no pod can add a series by its name.
+// so no pod can add a series by its name. The labels are
+// workload_namespace and workload_service_account: Prometheus' Kubernetes
+// discovery gives every series credproxy's own namespace label.
 type workloadMetrics struct {
 	published   *prometheus.GaugeVec
 	connections *prometheus.CounterVec
@@ -14,10 +16,10 @@ type workloadMetrics struct {
 func newWorkloadMetrics(f factory) *workloadMetrics {
 	return &workloadMetrics{
 		published: f.gauge("workloads_published", "Pods published on this node by the CSI node plugin, by the "+
-			"namespace and service account of their workloads rule (\"\" for pods no rule matches).", "namespace", "service_account"),
+			"namespace and service account of their workloads rule (\"\" for pods no rule matches).", "workload_namespace", "workload_service_account"),
 		connections: f.counter("workload_decisions_total", "Connections and requests of pods, by the namespace and service "+
 			"account of their rule and the decision: allowed, or the refusal (unattributed, peer mismatch, workload not allowed).",
-			"namespace", "service_account", "result"),
+			"workload_namespace", "workload_service_account", "result"),
 	}
 }
 
