@@ -34,6 +34,7 @@ type Metrics struct {
 	migrationSwap    *prometheus.HistogramVec
 	refused          *prometheus.CounterVec
 	timeouts         *prometheus.CounterVec
+	pool             *poolMetrics
 }
 
 // NewMetrics registers every metric, with the Go and process collectors, on
@@ -66,6 +67,7 @@ func NewMetrics() *Metrics {
 			"(max_connections, max_sessions, max_handshakes, max_upstream_connections) or its tunnel deny list (destination_denied).",
 			"protocol", "service", "reason"),
 		timeouts: f.counter("timeouts_total", "Requests ended by a timeout, by kind (body_read).", "protocol", "service", "kind"),
+		pool:     newPoolMetrics(f, latency),
 	}
 	return m
 }

@@ -55,8 +55,9 @@ type appChunk struct {
 	syncs int // sync points: Query, Sync, FunctionCall (each answered by one ReadyForQuery)
 	// after counts the messages after the last sync point that leave work
 	// in flight (not COPY data, not Flush).
-	after     int
-	terminate bool // Terminate
+	after       int
+	terminate   bool // Terminate
+	terminateAt int  // where the first Terminate starts in the data scanned
 }
 
 // scan walks data and returns how much of it was consumed: all of it,
@@ -81,6 +82,9 @@ func (a *appScan) scan(data []byte) (int, appChunk, error) {
 				c.after = 0
 			case 'd', 'c', 'f', 'H':
 			case 'X':
+				if !c.terminate {
+					c.terminateAt = i - 5
+				}
 				c.terminate = true
 			default:
 				c.after++

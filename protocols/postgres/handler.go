@@ -59,6 +59,7 @@ type Handler struct {
 	clientTLS *tls.Config // offered to apps; nil when not configured
 	keepAlive time.Duration
 	scram     scramCache
+	pool      *serverPool // nil: every session logs in anew
 }
 
 // NewHandler checks and loads the service's TLS material.
@@ -91,6 +92,9 @@ func NewHandler(o Options) (*Handler, error) {
 	}
 	if h.cfg.ConnectTimeout == 0 {
 		h.cfg.ConnectTimeout = config.Duration(10 * time.Second)
+	}
+	if h.cfg.Pool != nil {
+		h.pool = newServerPool(h, *h.cfg.Pool)
 	}
 	var err error
 	if h.tls, err = upstreamTLSConfig(h.cfg.TLS, h.cfg.TLSServerName()); err != nil {
@@ -129,6 +133,9 @@ type session struct {
 	// backend.
 	appPID uint32
 	cancel *cancelEntry
+	// poolSlot: the session's backend holds a place in the pool; reused:
+	// it came from the pool.
+	poolSlot, reused bool
 }
 
 // ServeConn serves one app connection until it ends, and closes it. It
@@ -260,7 +267,11 @@ func (s *session) run(ctx context.Context) error {
 	}
 
 	params["database"] = s.database
-	handle, up, err := s.login(ctx, params)
+	login := s.login
+	if h.pool != nil {
+		login = s.loginPooled
+	}
+	handle, up, err := login(ctx, params)
 	if err != nil {
 		return s.deny(err, out)
 	}
@@ -273,7 +284,7 @@ func (s *session) run(ctx context.Context) error {
 	}()
 
 	// Hand over: everything the app needs in one write.
-	s.cancel = h.cancels.issue(cancelTarget{h: h, key: derefKey(up.key), has: up.key != nil})
+	s.cancel = h.cancels.issue(cancelTarget{h: h, key: derefKey(up.key), has: up.key != nil, gate: up.cancelGate()})
 	defer s.cancel.unregister()
 	key := s.cancel.key
 	s.appPID = key.ProcessID
@@ -300,11 +311,15 @@ func (s *session) run(ctx context.Context) error {
 	if l := handle.Lease(); l.Leased() {
 		rec.Lease = &audit.Lease{IDSHA256: l.IDHash(), TTLSecs: int64(time.Until(l.Expiry()).Seconds())}
 	}
+	if h.pool != nil {
+		rec.BackendReused = &s.reused
+	}
 	h.audit.Record(rec)
 	s.started = true
 	h.obs.SessionStarted(protocolName, h.cfg.Name)
 	s.log.Info("session started", zap.String("upstream", h.cfg.Upstream),
-		zap.String("database", s.database), zap.String("db_user", s.dbUser), zap.String("credential", handle.Name))
+		zap.String("database", s.database), zap.String("db_user", s.dbUser), zap.String("credential", handle.Name),
+		zap.Bool("backend_reused", s.reused))
 
 	relayed = true
 	return s.end(newRelay(s, up, handle, params).run(ctx))
@@ -382,6 +397,7 @@ func (s *session) connect(ctx context.Context, user string, password credentials
 		return nil, err
 	}
 	_ = conn.SetDeadline(time.Time{})
+	up.born = time.Now()
 	return up, nil
 }
 
