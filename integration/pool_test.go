@@ -2,10 +2,14 @@ package integration
 
 import (
 	"context"
+	"encoding/binary"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/credproxy/credproxy/config"
 	"github.com/credproxy/credproxy/integration/pgtest"
@@ -147,4 +151,320 @@ func TestPoolResetClearsSessionState(t *testing.T) {
 	if got := metric(t, p, "credproxy_pool_acquires_total", map[string]string{"result": "miss"}); got != 1 {
 		t.Errorf("pool_acquires_total{result=miss} = %v, want 1", got)
 	}
+}
+
+// waitBackendGone waits until the backend pid has exited.
+func waitBackendGone(t *testing.T, ctx context.Context, super *pgx.Conn, pid string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		var n int
+		if err := super.QueryRow(ctx, "SELECT count(*) FROM pg_stat_activity WHERE pid = $1::int", pid).Scan(&n); err != nil {
+			t.Fatalf("pg_stat_activity: %v", err)
+		}
+		if n == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("backend %s still runs: it was kept", pid)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestPoolNotReusedWhenUnclean ends sessions in states a reset cannot be
+// trusted to undo and checks that their backends are closed, not reused;
+// a backend whose error was already over (ReadyForQuery idle) is reused.
+func TestPoolNotReusedWhenUnclean(t *testing.T) {
+	skipShort(t)
+	t.Parallel()
+	pg := startPG(t, pgtest.Options{})
+	p := poolProxy(t, pg, poolConfig(1))
+	addr := p.addr(t, "app")
+	ctx := testCtx(t, 3*time.Minute)
+	super := superConn(t, ctx, pg)
+	if _, err := super.Exec(ctx, "CREATE TABLE pool_copy (x int); GRANT ALL ON pool_copy TO "+pgtest.ScramUser); err != nil {
+		t.Fatal(err)
+	}
+
+	// send writes raw protocol messages (the state pgx would not leave)
+	// and reads until want arrives.
+	send := func(t *testing.T, conn *pgx.Conn, want byte, msgs ...pgproto3.FrontendMessage) {
+		t.Helper()
+		fe := conn.PgConn().Frontend()
+		for _, m := range msgs {
+			fe.Send(m)
+		}
+		if err := fe.Flush(); err != nil {
+			t.Fatalf("send: %v", err)
+		}
+		for {
+			m, err := fe.Receive()
+			if err != nil {
+				t.Fatalf("receive: %v", err)
+			}
+			if enc, _ := m.Encode(nil); len(enc) > 0 && enc[0] == want {
+				return
+			}
+		}
+	}
+	cases := []struct {
+		name   string
+		leave  func(t *testing.T, conn *pgx.Conn)
+		reused bool
+	}{
+		{name: "inside a transaction", leave: func(t *testing.T, conn *pgx.Conn) {
+			if _, err := conn.Exec(ctx, "BEGIN; SELECT 1"); err != nil {
+				t.Fatal(clientErr(t, err))
+			}
+		}},
+		{name: "in a failed transaction", leave: func(t *testing.T, conn *pgx.Conn) {
+			_, _ = conn.Exec(ctx, "BEGIN")
+			if _, err := conn.Exec(ctx, "SELECT 1/0"); err == nil {
+				t.Fatal("SELECT 1/0 succeeded")
+			}
+		}},
+		{name: "an error awaiting its Sync", leave: func(t *testing.T, conn *pgx.Conn) {
+			send(t, conn, 'E', &pgproto3.Parse{Query: "SELEC 1"}, &pgproto3.Flush{})
+		}},
+		{name: "inside COPY FROM STDIN", leave: func(t *testing.T, conn *pgx.Conn) {
+			send(t, conn, 'G', &pgproto3.Query{String: "COPY pool_copy FROM STDIN"})
+		}},
+		{name: "a query in flight", leave: func(t *testing.T, conn *pgx.Conn) {
+			fe := conn.PgConn().Frontend()
+			fe.Send(&pgproto3.Query{String: "SELECT pg_sleep(0.2)"})
+			if err := fe.Flush(); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{name: "an error already over is reused", reused: true, leave: func(t *testing.T, conn *pgx.Conn) {
+			if _, err := conn.Exec(ctx, "SELECT 1/0"); err == nil {
+				t.Fatal("SELECT 1/0 succeeded")
+			}
+		}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			conn := simpleConn(t, ctx, addr)
+			pid := backendPID(t, ctx, conn)
+			tc.leave(t, conn)
+			closeConn(t, conn)
+			next := simpleConn(t, ctx, addr) // waits for the one backend's place
+			got := backendPID(t, ctx, next)
+			if tc.reused {
+				if got != pid {
+					t.Errorf("backend %s was not reused (got %s)", pid, got)
+				}
+			} else {
+				if got == pid {
+					t.Fatalf("backend %s was reused", pid)
+				}
+				waitBackendGone(t, ctx, super, pid)
+			}
+			if tx := mustQueryString(t, ctx, next, "SELECT count(*)::text FROM pg_prepared_statements"); tx != "0" {
+				t.Errorf("next session sees %s prepared statements", tx)
+			}
+			closeConn(t, next)
+		})
+	}
+	if got := metric(t, p, "credproxy_pool_closed_total", map[string]string{"reason": "unclean"}); got != 5 {
+		t.Errorf("pool_closed_total{reason=unclean} = %v, want 5", got)
+	}
+}
+
+// TestPoolBoundUnderConcurrentConnects opens 200 sessions at once against
+// a pool of 5: PostgreSQL never sees more than 5 of credproxy's backends,
+// and every session is served (the waiters get a backend as others end).
+// A session that cannot get one in wait_timeout gets FATAL 53300.
+func TestPoolBoundUnderConcurrentConnects(t *testing.T) {
+	skipShort(t)
+	t.Parallel()
+	pg := startPG(t, pgtest.Options{})
+	const maxConns, clients = 5, 200
+	p := poolProxy(t, pg, poolConfig(maxConns))
+	addr := p.addr(t, "app")
+	ctx := testCtx(t, 5*time.Minute)
+	super := superConn(t, ctx, pg)
+
+	// Sample the backends credproxy holds while the clients run.
+	stop := make(chan struct{})
+	var peak int
+	var sampler sync.WaitGroup
+	sampler.Add(1)
+	go func() {
+		defer sampler.Done()
+		for {
+			var n int
+			if err := super.QueryRow(ctx, "SELECT count(*) FROM pg_stat_activity WHERE usename = $1", pgtest.ScramUser).Scan(&n); err == nil {
+				peak = max(peak, n)
+			}
+			select {
+			case <-stop:
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+	}()
+
+	var wg sync.WaitGroup
+	errs := make(chan error, clients)
+	pids := make(chan string, clients)
+	for range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			conn, err := pgx.Connect(ctx, appDSN(addr))
+			if err != nil {
+				errs <- clientErr(t, err)
+				return
+			}
+			defer conn.Close(context.Background())
+			var pid string
+			if err := conn.QueryRow(ctx, "SELECT pg_backend_pid()::text FROM pg_sleep(0.01)").Scan(&pid); err != nil {
+				errs <- clientErr(t, err)
+				return
+			}
+			pids <- pid
+		}()
+	}
+	wg.Wait()
+	close(stop)
+	sampler.Wait()
+	close(errs)
+	close(pids)
+	for err := range errs {
+		t.Errorf("a client failed: %v", err)
+	}
+	distinct := map[string]bool{}
+	for pid := range pids {
+		distinct[pid] = true
+	}
+	if peak > maxConns {
+		t.Errorf("PostgreSQL saw %d of credproxy's backends at once, want at most %d", peak, maxConns)
+	}
+	hits := metric(t, p, "credproxy_pool_acquires_total", map[string]string{"result": "hit"})
+	waits := metric(t, p, "credproxy_pool_waits_total", nil)
+	closed := map[string]float64{}
+	for _, reason := range []string{"unclean", "reset_failed", "broken", "evicted", "stale", "lease", "idle_timeout", "max_lifetime"} {
+		if n := metric(t, p, "credproxy_pool_closed_total", map[string]string{"reason": reason}); n > 0 {
+			closed[reason] = n
+		}
+	}
+	t.Logf("%d clients, pool of %d: peak %d backends, %d distinct; %v hits, %v waited; closed %v",
+		clients, maxConns, peak, len(distinct), hits, waits, closed)
+	// A backend closed on the way is replaced: that is all that may add one.
+	replaced := 0
+	for _, n := range closed {
+		replaced += int(n)
+	}
+	if len(distinct) > maxConns+replaced {
+		t.Errorf("%d distinct backends served the sessions, want at most %d (+%d replaced)", len(distinct), maxConns, replaced)
+	}
+
+	// A pool that stays full: the next session waits wait_timeout, then
+	// gets FATAL 53300 naming the bound.
+	t.Run("wait times out", func(t *testing.T) {
+		pool := poolConfig(1)
+		pool.WaitTimeout = config.Duration(500 * time.Millisecond)
+		p := poolProxy(t, pg, pool)
+		addr := p.addr(t, "app")
+		holder := mustConnect(t, ctx, appDSN(addr))
+		_ = backendPID(t, ctx, holder)
+		_, err := connect(t, ctx, appDSN(addr))
+		if err == nil {
+			t.Fatal("a second session got a backend past max_server_connections 1")
+		}
+		pe := pgError(t, err)
+		if pe.Code != "53300" || !strings.Contains(pe.Message, "pool.max_server_connections 1") {
+			t.Errorf("got %s %q, want 53300 naming pool.max_server_connections", pe.Code, pe.Message)
+		}
+		if got := metric(t, p, "credproxy_pool_acquires_total", map[string]string{"result": "timeout"}); got != 1 {
+			t.Errorf("pool_acquires_total{result=timeout} = %v, want 1", got)
+		}
+		// The holder is unaffected.
+		_ = backendPID(t, ctx, holder)
+	})
+}
+
+// TestPoolCancelKeyNotReused checks that a reused backend's cancel keys
+// are the current session's: the previous session's key, sent while the
+// next session's query runs on the same backend, cancels nothing.
+func TestPoolCancelKeyNotReused(t *testing.T) {
+	skipShort(t)
+	t.Parallel()
+	pg := startPG(t, pgtest.Options{})
+	p := poolProxy(t, pg, poolConfig(1))
+	addr := p.addr(t, "app")
+	ctx := testCtx(t, 2*time.Minute)
+
+	first := mustConnect(t, ctx, appDSN(addr))
+	pid := backendPID(t, ctx, first)
+	oldPID, oldSecret := first.PgConn().PID(), binary.BigEndian.Uint32(first.PgConn().SecretKey())
+	closeConn(t, first)
+
+	second := mustConnect(t, ctx, appDSN(addr))
+	if got := backendPID(t, ctx, second); got != pid {
+		t.Fatalf("second session got backend %s, want %s", got, pid)
+	}
+	newSecret := binary.BigEndian.Uint32(second.PgConn().SecretKey())
+	if second.PgConn().PID() != oldPID || newSecret == oldSecret {
+		t.Fatalf("second session's key (%d, same secret: %t): want the backend's pid %d and a new secret",
+			second.PgConn().PID(), newSecret == oldSecret, oldPID)
+	}
+	sendCancel := func(pid, secret uint32) {
+		c := rawConn(t, addr)
+		if _, err := c.Write(cancelRequest(pid, secret)); err != nil {
+			t.Fatal(err)
+		}
+		_, _, _ = readUntilClosed(c, 5*time.Second)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := second.Exec(ctx, "SELECT pg_sleep(1.5)")
+		done <- err
+	}()
+	time.Sleep(300 * time.Millisecond)
+	sendCancel(oldPID, oldSecret)
+	if err := <-done; err != nil {
+		t.Fatalf("the previous session's cancel key cancelled the next session's query: %v", clientErr(t, err))
+	}
+	go func() {
+		_, err := second.Exec(ctx, "SELECT pg_sleep(30)")
+		done <- err
+	}()
+	time.Sleep(300 * time.Millisecond)
+	sendCancel(second.PgConn().PID(), newSecret)
+	if err := <-done; err == nil || pgError(t, err).Code != "57014" {
+		t.Fatalf("the session's own cancel key: %v, want 57014", err)
+	}
+}
+
+// TestPoolStartupParametersKey checks that a backend serves only an app
+// whose startup parameters match the ones it was opened with.
+func TestPoolStartupParametersKey(t *testing.T) {
+	skipShort(t)
+	t.Parallel()
+	pg := startPG(t, pgtest.Options{})
+	p := poolProxy(t, pg, poolConfig(2))
+	addr := p.addr(t, "app")
+	ctx := testCtx(t, 2*time.Minute)
+	open := func(app string) (*pgx.Conn, string) {
+		conn := mustConnect(t, ctx, appDSN(addr)+" application_name="+app)
+		if got := mustQueryString(t, ctx, conn, "SHOW application_name"); got != app {
+			t.Errorf("application_name = %q, want %q", got, app)
+		}
+		return conn, backendPID(t, ctx, conn)
+	}
+	a, pidA := open("alpha")
+	closeConn(t, a)
+	b, pidB := open("beta")
+	if pidB == pidA {
+		t.Errorf("an app with application_name beta got alpha's backend")
+	}
+	closeConn(t, b)
+	a2, pidA2 := open("alpha")
+	if pidA2 != pidA {
+		t.Errorf("alpha got backend %s, want its own %s again", pidA2, pidA)
+	}
+	closeConn(t, a2)
 }

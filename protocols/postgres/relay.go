@@ -411,6 +411,14 @@ func (r *relay) toClient() error {
 				_ = up.conn.SetReadDeadline(time.Now().Add(boundaryWait))
 			}
 		}
+		if c.readys > 0 {
+			// Counted before the app can see them: an app that answers a
+			// ReadyForQuery at once (Terminate) finds the session idle.
+			r.mu.Lock()
+			r.pending = max(r.pending-c.readys, 0)
+			r.tx = c.tx
+			r.mu.Unlock()
+		}
 		if n > 0 {
 			if err := r.write(data[:n]); err != nil {
 				return err
@@ -429,10 +437,6 @@ func (r *relay) toClient() error {
 		need = max(more, 1)
 
 		r.mu.Lock()
-		if c.readys > 0 {
-			r.pending = max(r.pending-c.readys, 0)
-			r.tx = c.tx
-		}
 		var h *hold
 		if r.hold != nil && !r.hold.isParked && r.idle() && up.scan.atBoundary() && len(up.rd.data()) == 0 {
 			h = r.hold
