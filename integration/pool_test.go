@@ -468,3 +468,84 @@ func TestPoolStartupParametersKey(t *testing.T) {
 	}
 	closeConn(t, a2)
 }
+
+// TestPoolRotatedLeaseNotHandedOut runs short sessions through a pool
+// while Vault's leases reach their max TTL: each lease's backends serve
+// only until it is retired, then are closed; no session gets a backend of
+// a lease older than one it has already seen.
+func TestPoolRotatedLeaseNotHandedOut(t *testing.T) {
+	skipShort(t)
+	t.Parallel()
+	pg := startVaultPG(t, pgtest.Options{})
+	v := startVault(t)
+	db := v.setupDatabase(t, pg, &dbRole{DefaultTTL: 3 * time.Second, MaxTTL: 6 * time.Second})
+	cfg := vaultProxyConfig(v, pg, tokenAuth(v.tokenFile(t, db)), config.VaultSecret{Path: db.CredsPath()})
+	pool := poolConfig(2)
+	cfg.Postgres[0].Pool = &pool
+	p := startProxy(t, cfg)
+	addr := p.addr(t, "appdb")
+	ctx := testCtx(t, 3*time.Minute)
+	super := superConn(t, ctx, pg)
+
+	type seen struct{ user, pid string }
+	var sessions []seen
+	users := map[string]int{} // user -> order of first appearance
+	userOf := map[string]string{}
+	deadline := time.Now().Add(60 * time.Second)
+	for len(users) < 3 && time.Now().Before(deadline) {
+		conn := simpleConn(t, ctx, addr)
+		var s seen
+		if err := conn.QueryRow(ctx, "SELECT current_user, pg_backend_pid()::text").Scan(&s.user, &s.pid); err != nil {
+			t.Fatalf("query: %v", clientErr(t, err))
+		}
+		closeConn(t, conn)
+		if _, ok := users[s.user]; !ok {
+			users[s.user] = len(users)
+		}
+		if u, ok := userOf[s.pid]; ok && u != s.user {
+			t.Errorf("backend %s served %s and then %s", s.pid, u, s.user)
+		}
+		userOf[s.pid] = s.user
+		if n := len(sessions); n > 0 && users[s.user] < users[sessions[n-1].user] {
+			t.Errorf("session %d got a backend of %s after %s's lease had replaced it", n, s.user, sessions[n-1].user)
+		}
+		sessions = append(sessions, s)
+		time.Sleep(100 * time.Millisecond)
+	}
+	if len(users) < 3 {
+		t.Fatalf("saw %d leases in 60s of 6s max TTLs", len(users))
+	}
+	hits := metric(t, p, "credproxy_pool_acquires_total", map[string]string{"result": "hit"})
+	drained := metric(t, p, "credproxy_pool_closed_total", map[string]string{"reason": "lease"}) +
+		metric(t, p, "credproxy_pool_closed_total", map[string]string{"reason": "stale"})
+	t.Logf("%d sessions over %d leases on %d backends: %v hits, %v backends closed with their lease",
+		len(sessions), len(users), len(userOf), hits, drained)
+	if hits == 0 {
+		t.Error("no session reused a backend")
+	}
+	if drained == 0 {
+		t.Error("no pooled backend was closed with its lease")
+	}
+	// The retired leases' backends are gone, not parked.
+	current := sessions[len(sessions)-1].user
+	for user := range users {
+		if user == current {
+			continue
+		}
+		deadline := time.Now().Add(20 * time.Second)
+		for {
+			var n int
+			if err := super.QueryRow(ctx, "SELECT count(*) FROM pg_stat_activity WHERE usename = $1", user).Scan(&n); err != nil {
+				t.Fatal(err)
+			}
+			if n == 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Errorf("%d backends of retired lease %s still open", n, user)
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+}
