@@ -270,6 +270,41 @@ func TestPoolNotReusedWhenUnclean(t *testing.T) {
 	if got := metric(t, p, "credproxy_pool_closed_total", map[string]string{"reason": "unclean"}); got != 5 {
 		t.Errorf("pool_closed_total{reason=unclean} = %v, want 5", got)
 	}
+
+	// A backend that ends while idle in the pool (an administrator, or
+	// idle_session_timeout, terminates it: it sends a FATAL and closes)
+	// is not handed out; the next session logs in anew.
+	t.Run("terminated while idle", func(t *testing.T) {
+		conn := simpleConn(t, ctx, addr)
+		pid := backendPID(t, ctx, conn)
+		closeConn(t, conn)
+		waitPooled(t, p, 1)
+		var ok bool
+		if err := super.QueryRow(ctx, "SELECT pg_terminate_backend($1::int)", pid).Scan(&ok); err != nil || !ok {
+			t.Fatalf("pg_terminate_backend(%s): %v, %v", pid, ok, err)
+		}
+		waitBackendGone(t, ctx, super, pid)
+		next := simpleConn(t, ctx, addr)
+		if got := backendPID(t, ctx, next); got == pid {
+			t.Fatalf("the terminated backend %s was handed out", pid)
+		}
+		closeConn(t, next)
+		if got := metric(t, p, "credproxy_pool_closed_total", map[string]string{"reason": "broken"}); got != 1 {
+			t.Errorf("pool_closed_total{reason=broken} = %v, want 1", got)
+		}
+	})
+}
+
+// waitPooled waits until n upstream connections are idle in the pool.
+func waitPooled(t *testing.T, p *proxyHarness, n float64) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for metric(t, p, "credproxy_pool_server_connections", map[string]string{"state": "idle"}) != n {
+		if time.Now().After(deadline) {
+			t.Fatalf("the pool did not get to %v idle connections", n)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 // TestPoolBoundUnderConcurrentConnects opens 200 sessions at once against

@@ -162,6 +162,7 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, id string) error
 	defer s.leaveHandshake()
 	s.rd = bufio.NewReaderSize(cc, 1024)
 	err := s.run(ctx)
+	s.dropPoolSlot()
 	if s.slot {
 		h.limits.Sessions.Release()
 	}

@@ -592,6 +592,15 @@ func (s *session) loginPooled(ctx context.Context, params map[string]string) (*c
 	}
 }
 
+// dropPoolSlot gives back the pool place of a session whose backend
+// never reached the relay (the handover failed): run closed the backend.
+func (s *session) dropPoolSlot() {
+	if s.poolSlot {
+		s.poolSlot = false
+		s.h.pool.release(PoolClosedUnclean)
+	}
+}
+
 // detachable reports whether the session may hand its backend back at
 // this point: the app ended while the backend waited for it, idle outside
 // a transaction, with nothing in flight and nothing being done to the
