@@ -301,7 +301,7 @@ heading "credproxy benchmark: $CLIENTS clients, -j $JOBS, ${SECS}s per run, scal
 row "" direct credproxy pgbouncer "cp/direct" "pb/direct" target
 row "(a) select-only TPS (-S)" "$(calc %.0f "$S_DIRECT")" "$(calc %.0f "$S_PROXY")" "$(calc %.0f "$S_BOUNCER")" "${S_RP}x" "${S_RB}x" "credproxy >= 0.90x direct"
 row "(b) connections/s (-C -S)" "$(calc %.0f "$C_DIRECT")" "$(calc %.0f "$C_PROXY")" "$(calc %.0f "$C_BOUNCER")" "${C_RP}x" "${C_RB}x" "credproxy >= 1.0x direct"
-row "(b) ... credproxy with pool:" "$(calc %.0f "$C_DIRECT")" "$(calc %.0f "$C_POOL")" "$(calc %.0f "$C_BOUNCER")" "${C_RPP}x" "${C_RB}x" "credproxy >= 1.0x pgbouncer (${C_PB}x)"
+row "(b') connections/s, pool: on" "$(calc %.0f "$C_DIRECT")" "$(calc %.0f "$C_POOL")" "$(calc %.0f "$C_BOUNCER")" "${C_RPP}x" "${C_RB}x" "credproxy >= 1.0x pgbouncer (${C_PB}x)"
 row "(c) RSS per idle session, KiB" - "$CP_PER" "$PB_PER" "" "" "credproxy <= 64 KiB"
 row "    VmRSS before->after, KiB" - "$CP_RSS0->$CP_RSS1" "$PB_RSS0->$PB_RSS1" "" "" ""
 
