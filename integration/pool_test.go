@@ -584,3 +584,49 @@ func TestPoolRotatedLeaseNotHandedOut(t *testing.T) {
 		}
 	}
 }
+
+// TestPoolOverTLS reuses a backend reached over verify-full TLS, and
+// notices one that its server ended while it was idle.
+func TestPoolOverTLS(t *testing.T) {
+	skipShort(t)
+	t.Parallel()
+	pg := startPG(t, pgtest.Options{TLS: true})
+	svc := pgService("app", pg.Addr(), "app", config.PostgresTLS{Mode: "verify-full", CAFile: pg.CAFile, ServerName: "localhost"})
+	pool := poolConfig(1)
+	svc.Pool = &pool
+	p := startProxy(t, &config.Config{
+		Secrets:  map[string]config.Secret{"app": staticSecret(pgtest.ScramUser, pg.Password(pgtest.ScramUser))},
+		Postgres: []config.Postgres{svc},
+	})
+	addr := p.addr(t, "app")
+	ctx := testCtx(t, 2*time.Minute)
+	super := superConn(t, ctx, pg)
+
+	first := simpleConn(t, ctx, addr)
+	pid := backendPID(t, ctx, first)
+	if ssl := mustQueryString(t, ctx, first, "SELECT ssl::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()"); ssl != "true" {
+		t.Fatalf("upstream connection not over TLS: ssl = %s", ssl)
+	}
+	if _, err := first.Exec(ctx, "SET search_path = nowhere"); err != nil {
+		t.Fatal(clientErr(t, err))
+	}
+	closeConn(t, first)
+	second := simpleConn(t, ctx, addr)
+	if got := backendPID(t, ctx, second); got != pid {
+		t.Fatalf("over TLS: second session got backend %s, want %s", got, pid)
+	}
+	if sp := mustQueryString(t, ctx, second, "SHOW search_path"); sp == "nowhere" {
+		t.Error("the reset did not run over TLS: search_path is the first session's")
+	}
+	closeConn(t, second)
+
+	waitPooled(t, p, 1)
+	if _, err := super.Exec(ctx, "SELECT pg_terminate_backend($1::int)", pid); err != nil {
+		t.Fatal(err)
+	}
+	waitBackendGone(t, ctx, super, pid)
+	third := simpleConn(t, ctx, addr)
+	if got := backendPID(t, ctx, third); got == pid {
+		t.Fatalf("a TLS backend terminated while idle was handed out")
+	}
+}
