@@ -33,6 +33,22 @@ func TestPoolKeys(t *testing.T) {
 	}
 }
 
+func TestPoolResetQueryWarning(t *testing.T) {
+	cfg, lines := parseLines(t, fixture(t), appSecret+pg("pool: {reset_query: \"RESET ALL\"}"))
+	if len(lines) > 0 {
+		t.Fatal(lines)
+	}
+	var got []string
+	for _, w := range cfg.Warnings() {
+		got = append(got, w.Error())
+	}
+	checkLines(t, got, []string{`postgres[0].pool.reset_query: "RESET ALL" does not run DISCARD ALL`})
+	cfg, _ = parseLines(t, fixture(t), appSecret+pg("pool: {reset_query: \"discard all; set x.y = 1\"}"))
+	if len(cfg.Warnings()) != 0 {
+		t.Errorf("a reset query that runs DISCARD ALL warns: %v", cfg.Warnings())
+	}
+}
+
 func TestPoolDefaults(t *testing.T) {
 	cfg, lines := parseLines(t, fixture(t), appSecret+pg())
 	if len(lines) > 0 {

@@ -368,6 +368,9 @@ func (c *Config) validatePostgres(v *validator, ls listeners, i int) {
 		}
 		if msg := checkResetQuery(pl.ResetQuery); msg != "" {
 			v.add(pp+".reset_query", "%s", msg)
+		} else if !strings.Contains(strings.ToUpper(pl.ResetQuery), "DISCARD ALL") {
+			v.warn(pp+".reset_query", "%q does not run DISCARD ALL: what it leaves (settings, prepared statements, "+
+				"temporary tables, LISTEN, advisory locks) is seen by the next app that gets the connection", pl.ResetQuery)
 		}
 	}
 }
