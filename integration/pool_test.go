@@ -173,8 +173,8 @@ func waitBackendGone(t *testing.T, ctx context.Context, super *pgx.Conn, pid str
 }
 
 // TestPoolNotReusedWhenUnclean ends sessions in states a reset cannot be
-// trusted to undo and checks that their backends are closed, not reused;
-// a backend whose error was already over (ReadyForQuery idle) is reused.
+// trusted to undo, or after an error, and checks that their backends are
+// closed, not reused; a clean session's backend is.
 func TestPoolNotReusedWhenUnclean(t *testing.T) {
 	skipShort(t)
 	t.Parallel()
@@ -237,12 +237,21 @@ func TestPoolNotReusedWhenUnclean(t *testing.T) {
 				t.Fatal(err)
 			}
 		}},
-		{name: "an error already over is reused", reused: true, leave: func(t *testing.T, conn *pgx.Conn) {
+		{name: "after an error outside a transaction", leave: func(t *testing.T, conn *pgx.Conn) {
 			if _, err := conn.Exec(ctx, "SELECT 1/0"); err == nil {
 				t.Fatal("SELECT 1/0 succeeded")
 			}
 		}},
 	}
+	cases = append(cases, struct {
+		name   string
+		leave  func(t *testing.T, conn *pgx.Conn)
+		reused bool
+	}{name: "a clean session is reused", reused: true, leave: func(t *testing.T, conn *pgx.Conn) {
+		if _, err := conn.Exec(ctx, "BEGIN; SELECT 1; COMMIT"); err != nil {
+			t.Fatal(clientErr(t, err))
+		}
+	}})
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			conn := simpleConn(t, ctx, addr)
@@ -267,8 +276,8 @@ func TestPoolNotReusedWhenUnclean(t *testing.T) {
 			closeConn(t, next)
 		})
 	}
-	if got := metric(t, p, "credproxy_pool_closed_total", map[string]string{"reason": "unclean"}); got != 5 {
-		t.Errorf("pool_closed_total{reason=unclean} = %v, want 5", got)
+	if got := metric(t, p, "credproxy_pool_closed_total", map[string]string{"reason": "unclean"}); got != 6 {
+		t.Errorf("pool_closed_total{reason=unclean} = %v, want 6", got)
 	}
 
 	// A backend that ends while idle in the pool (an administrator, or

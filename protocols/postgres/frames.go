@@ -139,6 +139,8 @@ type backendScan struct {
 	onParam func(name, value string)
 	// fatal is the last FATAL or PANIC ErrorResponse the backend sent.
 	fatal *pgproto3.ErrorResponse
+	// failed: the backend sent an ErrorResponse (of any severity).
+	failed bool
 }
 
 // backendChunk is what one scan saw.
@@ -193,6 +195,7 @@ func (b *backendScan) scan(data []byte) (n, need int, c backendChunk, err error)
 					}
 				}
 			case 'E':
+				b.failed = true
 				if sev := errorSeverity(body); sev == "FATAL" || sev == "PANIC" {
 					var e pgproto3.ErrorResponse
 					if want == size && e.Decode(body) == nil {

@@ -53,15 +53,18 @@ import (
 //     (Terminate, which is not passed on, or EOF) while the backend's last
 //     ReadyForQuery said idle outside a transaction, nothing of the app's
 //     was in flight (no query, no unsynced extended-protocol message, no
-//     COPY), the backend stream stood at a message boundary, no FATAL was
-//     seen, no migration or termination was under way, and the reset query
+//     COPY), the backend stream stood at a message boundary, it reported
+//     no error, no migration or termination was under way, and the reset query
 //     then ran without an error and ended in ReadyForQuery idle with nothing
 //     else pending. Anything else — inside a transaction ('T') or a failed
 //     one ('E'), an error awaiting its Sync, COPY, an unexpected message,
-//     a reset that fails or times out — closes the backend. An error the
-//     backend already recovered from (ReadyForQuery idle after it) leaves
-//     nothing behind, as PostgreSQL rolls the statement back, and does not
-//     prevent reuse.
+//     a reset that fails or times out — closes the backend. So does any
+//     error the backend reported during the session, even one it recovered
+//     from (ReadyForQuery idle after it): PostgreSQL rolls the statement
+//     back, but an error can also be the backend's own trouble (out of
+//     memory, a file it cannot read, a stale cache), which no reset query
+//     shows. It costs the next session one login, and sessions with errors
+//     are the exception.
 //
 //   - The reset is pool.reset_query (DISCARD ALL by default, PgBouncer's
 //     server_reset_query): RESET ALL (back to the startup values), DEALLOCATE
@@ -648,7 +651,7 @@ func (r *relay) recycle(ctx context.Context, up *backend) bool {
 		return false
 	}
 	s.poolSlot = false
-	clean := r.detached && up.scan.atBoundary() && up.scan.fatal == nil && r.term.Load() == nil && ctx.Err() == nil
+	clean := r.detached && up.scan.atBoundary() && !up.scan.failed && r.term.Load() == nil && ctx.Err() == nil
 	if !clean {
 		terminateBackend(up.conn)
 		up.handle.Release()
