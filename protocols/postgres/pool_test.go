@@ -10,6 +10,8 @@ import (
 	"testing/synctest"
 	"time"
 
+	"github.com/jackc/pgproto3/v2"
+
 	"github.com/credproxy/credproxy/config"
 	"github.com/credproxy/credproxy/proxy/credentials"
 )
@@ -213,4 +215,65 @@ func TestPoolWaiters(t *testing.T) {
 			t.Errorf("%d places taken, want 1", f.pool.total)
 		}
 	})
+}
+
+// TestCancelGate checks the order a pooled backend relies on: a session
+// that voids its key and takes the backend's gate waits for a cancel
+// already being forwarded with that key, and a cancel sent after it finds
+// no key.
+func TestCancelGate(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	got := make(chan struct{}, 2)
+	release := make(chan struct{})
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			var b [16]byte
+			_, _ = io.ReadFull(c, b[:])
+			got <- struct{}{}
+			<-release // the cancel is "being delivered" until then
+			c.Close()
+		}
+	}()
+	h, err := NewHandler(Options{Service: config.Postgres{Name: "app", Upstream: ln.Addr().String(),
+		TLS: config.PostgresTLS{Mode: "disable"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	up := &upstream{}
+	e := h.cancels.issue(cancelTarget{h: h, key: pgproto3.BackendKeyData{ProcessID: 4242, SecretKey: 7}, has: true, gate: up.cancelGate()})
+
+	forwarded := make(chan bool, 1)
+	go func() {
+		sent, _ := h.cancels.forward(context.Background(), e.key.ProcessID, e.key.SecretKey)
+		forwarded <- sent
+	}()
+	<-got // the cancel reached the upstream and holds the gate
+	e.unregister()
+	locked := make(chan struct{})
+	go func() {
+		up.cancelGate().Lock()
+		close(locked)
+		up.cancelGate().Unlock()
+	}()
+	select {
+	case <-locked:
+		t.Fatal("the gate was taken while a cancel was still being delivered")
+	case <-time.After(100 * time.Millisecond):
+	}
+	close(release)
+	<-locked
+	if !<-forwarded {
+		t.Error("the cancel in flight was not reported sent")
+	}
+	if sent, _ := h.cancels.forward(context.Background(), e.key.ProcessID, e.key.SecretKey); sent {
+		t.Error("a cancel with a voided key was forwarded")
+	}
 }
