@@ -639,3 +639,48 @@ func TestPoolOverTLS(t *testing.T) {
 		t.Fatalf("a TLS backend terminated while idle was handed out")
 	}
 }
+
+// TestPoolMigratedSessionReturnsItsNewBackend keeps a session open while
+// its lease reaches its max TTL: it migrates to a fresh credential, and
+// when it ends, the backend it moved to (not the old one) goes back to
+// the pool and serves the next session.
+func TestPoolMigratedSessionReturnsItsNewBackend(t *testing.T) {
+	skipShort(t)
+	t.Parallel()
+	pg := startVaultPG(t, pgtest.Options{})
+	v := startVault(t)
+	db := v.setupDatabase(t, pg, &dbRole{DefaultTTL: 3 * time.Second, MaxTTL: 6 * time.Second})
+	cfg := vaultProxyConfig(v, pg, tokenAuth(v.tokenFile(t, db)), config.VaultSecret{Path: db.CredsPath()})
+	pool := poolConfig(1)
+	cfg.Postgres[0].Pool = &pool
+	p := startProxy(t, cfg)
+	addr := p.addr(t, "appdb")
+	ctx := testCtx(t, 2*time.Minute)
+	super := superConn(t, ctx, pg)
+
+	conn := simpleConn(t, ctx, addr)
+	user := mustQueryString(t, ctx, conn, "SELECT current_user")
+	oldPID := backendPID(t, ctx, conn)
+	newUser := waitUserChange(t, ctx, conn, user, 30*time.Second)
+	newPID := backendPID(t, ctx, conn)
+	if newPID == oldPID {
+		t.Fatalf("the session's backend did not change with its credential")
+	}
+	closeConn(t, conn)
+	waitBackendGone(t, ctx, super, oldPID)
+
+	next := simpleConn(t, ctx, addr)
+	var gotUser, gotPID string
+	if err := next.QueryRow(ctx, "SELECT current_user, pg_backend_pid()::text").Scan(&gotUser, &gotPID); err != nil {
+		t.Fatal(clientErr(t, err))
+	}
+	// The lease the session moved to may itself have been retired by now
+	// (6s max TTL); then a fresh backend is right too. It is never the old one.
+	if gotPID == oldPID {
+		t.Fatalf("the next session got the migrated-away backend %s", oldPID)
+	}
+	if gotUser == newUser && gotPID != newPID {
+		t.Errorf("the next session on %s got backend %s, want the migrated session's %s", newUser, gotPID, newPID)
+	}
+	t.Logf("migrated %s/%s -> %s/%s; next session %s/%s", user, oldPID, newUser, newPID, gotUser, gotPID)
+}
