@@ -20,7 +20,7 @@ STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # Go files to format-check: everything but VCS data, scratch and test data.
 GOFILES = $(shell find . -name '*.go' -not -path './.git/*' -not -path './.tmp/*' -not -path '*/testdata/*' -not -path './vendor/*')
 
-.PHONY: build test test-short fuzz integration kube-bins lint lint-fmt lint-vet lint-staticcheck lint-tidy vulncheck bench demo clean help
+.PHONY: build test test-short fuzz integration kube-bins lint lint-fmt lint-vet lint-staticcheck lint-tidy vulncheck bench bench-http demo clean help
 
 build: ## bin/credproxy, versioned by git describe
 	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/credproxy ./cmd/credproxy
@@ -84,8 +84,11 @@ lint-tidy:
 vulncheck: ## govulncheck against a pinned snapshot of the Go vulnerability database (VULNDB_VERSION)
 	GO=$(GO) bash scripts/vulncheck.sh
 
-bench: ## Postgres: direct vs credproxy vs PgBouncer, Vault row; HTTP: direct vs proxied (BENCH_SECONDS)
+bench: ## Postgres: direct vs credproxy vs PgBouncer, Vault row; HTTPS: direct vs bin/credproxy vs Squid ssl_bump (BENCH_SECONDS)
 	bash scripts/bench.sh
+	bash scripts/bench-http.sh
+
+bench-http: ## HTTPS only: direct vs bin/credproxy vs Squid ssl_bump, one run (BENCH_SECONDS, BENCH_PROFILE, BENCH_PROXY_GOMAXPROCS)
 	bash scripts/bench-http.sh
 
 demo: ## credproxy end to end on this machine: PostgreSQL, HTTP, and Vault when vault or bao is installed

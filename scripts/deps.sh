@@ -4,7 +4,9 @@
 #
 #   scripts/deps.sh           PostgreSQL server and client (initdb, postgres,
 #                             psql, pgbench): postgresql, postgresql-contrib
-#   scripts/deps.sh --bench   the same, plus pgbouncer and python3
+#   scripts/deps.sh --bench   the same, plus pgbouncer, python3 and
+#                             squid-openssl (Squid with ssl_bump and its
+#                             security_file_certgen helper, for bench-http.sh)
 #
 # Does nothing when everything is there. Installing needs root (or sudo that
 # does not ask for a password); otherwise it fails and says what to install.
@@ -21,7 +23,7 @@ for arg in "$@"; do
 	case $arg in
 	--bench) bench=true ;;
 	-h | --help)
-		sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+		sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
 		exit 0
 		;;
 	*) die "unknown argument $arg (usage: scripts/deps.sh [--bench])" ;;
@@ -46,6 +48,13 @@ have_pg_client() {
 
 have_pgbouncer() { command -v pgbouncer >/dev/null || [[ -x /usr/sbin/pgbouncer ]]; }
 
+# Squid built with OpenSSL (ssl_bump): Debian's squid-openssl, which ships
+# the certificate generator helper next to it.
+have_squid_openssl() {
+	[[ -x /usr/sbin/squid && -x /usr/lib/squid/security_file_certgen ]] &&
+		/usr/sbin/squid -v 2>/dev/null | grep -q -- '--with-openssl'
+}
+
 packages=()
 if ! have_pg_server || ! have_pg_client; then
 	packages+=(postgresql postgresql-contrib)
@@ -55,6 +64,7 @@ command -v curl >/dev/null || packages+=(curl ca-certificates)
 if $bench; then
 	have_pgbouncer || packages+=(pgbouncer)
 	command -v python3 >/dev/null || packages+=(python3)
+	have_squid_openssl || packages+=(squid-openssl)
 fi
 ((${#packages[@]})) || exit 0
 
@@ -72,7 +82,8 @@ echo "deps: installing ${packages[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
 
 # Packages must not start their own daemons (Debian's default cluster on
-# 5432, pgbouncer on 6432): the scripts start private ones on free ports.
+# 5432, pgbouncer on 6432, squid on 3128): the scripts start private ones on
+# free ports.
 added_policy=false
 if [[ ! -e /usr/sbin/policy-rc.d ]]; then
 	printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee /usr/sbin/policy-rc.d >/dev/null
@@ -102,5 +113,6 @@ have_pg_server || die "postgresql installed, yet initdb, pg_ctl and postgres are
 have_pg_client || die "postgresql installed, yet psql and pgbench are still not found"
 if $bench; then
 	have_pgbouncer || die "pgbouncer installed, yet not found"
+	have_squid_openssl || die "squid-openssl installed, yet /usr/sbin/squid with OpenSSL or security_file_certgen is not found"
 fi
 echo "deps: ok" >&2

@@ -43,6 +43,9 @@ func newClientConn(c net.Conn, id string) *clientConn {
 type served struct {
 	finishedOnce sync.Once
 	finished     chan struct{}
+	// x is the exchange of the request being handled on the connection,
+	// set and cleared by the handler (see exchangeFrom).
+	x *exchange
 }
 
 func newServed() served { return served{finished: make(chan struct{})} }

@@ -130,16 +130,17 @@ func (d *denyList) control(_, address string, _ syscall.RawConn) error {
 // resolved address in its Control hook; a dialer injected by a test
 // (Options.DialContext) is given only destinations whose literal address
 // passes, since it may map names anywhere.
-func (p *Proxy) passDialer(injected func(ctx context.Context, network, addr string) (net.Conn, error)) func(ctx context.Context, network, addr string) (net.Conn, error) {
+func (p *Proxy) passDialer(injected dialFunc) dialFunc {
 	if injected == nil {
 		d := &net.Dialer{KeepAlive: 30 * time.Second, Control: p.deny.control}
 		injected = d.DialContext
 	}
+	dial := typedDial(injected)
 	return func(ctx context.Context, network, addr string) (net.Conn, error) {
 		if err := p.deny.checkAddress(addr); err != nil {
-			return nil, &net.OpError{Op: "dial", Net: network, Err: err}
+			return nil, &DialError{Addr: addr, Err: &net.OpError{Op: "dial", Net: network, Err: err}}
 		}
-		return injected(ctx, network, addr)
+		return dial(ctx, network, addr)
 	}
 }
 

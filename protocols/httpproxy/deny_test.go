@@ -1,6 +1,7 @@
 package httpproxy
 
 import (
+	"bufio"
 	"io"
 	"net"
 	"net/http"
@@ -96,6 +97,23 @@ func TestTunnelDenyDefaultList(t *testing.T) {
 			}
 		})
 	}
+	// An absolute https URL on the proxy listener goes out over TLS
+	// (not through a CONNECT): the same deny list.
+	absHTTPS := []string{"https://127.0.0.1:" + port + "/", "https://localhost:" + port + "/"}
+	for _, u := range absHTTPS {
+		t.Run("absolute-form GET "+u, func(t *testing.T) {
+			c, err := net.Dial("tcp", tp.addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			_ = c.SetDeadline(time.Now().Add(ioTimeout))
+			resp := tp.rawRequest(t, c, bufio.NewReader(c), "GET "+u+" HTTP/1.1\r\nHost: "+strings.TrimPrefix(strings.TrimSuffix(u, "/"), "https://")+"\r\n\r\n")
+			if b := body(resp); resp.StatusCode != http.StatusForbidden || !strings.Contains(b, "http.tunnel_deny") {
+				t.Fatalf("GET %s: %d %q, want 403 naming http.tunnel_deny", u, resp.StatusCode, b)
+			}
+		})
+	}
 	if n := target.accepted.Load(); n != 0 {
 		t.Errorf("the loopback service accepted %d connections", n)
 	}
@@ -110,8 +128,8 @@ func TestTunnelDenyDefaultList(t *testing.T) {
 		t.Errorf("denied record status %d", rec.Status)
 	}
 	refused := map[string]string{"protocol": "http", "service": "http", "reason": RefusedDestination}
-	if n := metricValue(t, m, "credproxy_connections_refused_total", refused); n != float64(len(connects)+len(gets)) {
-		t.Errorf("credproxy_connections_refused_total%v = %v, want %d", refused, n, len(connects)+len(gets))
+	if n := metricValue(t, m, "credproxy_connections_refused_total", refused); n != float64(len(connects)+len(gets)+len(absHTTPS)) {
+		t.Errorf("credproxy_connections_refused_total%v = %v, want %d", refused, n, len(connects)+len(gets)+len(absHTTPS))
 	}
 	if n := seriesCount(t, m, "credproxy_connections_refused_total"); n != 1 {
 		t.Errorf("credproxy_connections_refused_total has %d series, want 1", n)

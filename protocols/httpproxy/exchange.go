@@ -2,13 +2,12 @@ package httpproxy
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -23,12 +22,10 @@ import (
 )
 
 // connKey carries the net.Conn a request arrived on (a *clientConn on the
-// outer server, an *innerConn on the inner one); exchangeKey carries the
-// request's *exchange through goproxy's handler chain.
-type (
-	connKey     struct{}
-	exchangeKey struct{}
-)
+// outer server, an *innerConn on the inner one). The connection holds the
+// request's *exchange while goproxy's handler chain runs: net/http serves
+// a connection's requests one at a time.
+type connKey struct{}
 
 // exchange is one request (or one CONNECT) from arrival to the audit
 // record. goproxy runs its handlers on the request's goroutine, so an
@@ -54,7 +51,8 @@ type exchange struct {
 	service            string
 	host, port, scheme string // where the request goes
 	handle             *credentials.Handle
-	slot               bool // holds a max_concurrent slot
+	credWait           lazyTimeout // decide's wait for the credential
+	slot               bool        // holds a max_concurrent slot
 	injected           bool
 	placed             []string // what the injector put in the request, for redaction
 
@@ -64,15 +62,28 @@ type exchange struct {
 	errMsg string
 
 	bytesIn, bytesOut atomic.Int64
+
+	// audited is the request's audit record (finish).
+	audited struct {
+		rec                           audit.Record
+		injected                      bool
+		bytesIn, bytesOut, durationMS int64
+	}
 }
 
+// exchangeFrom is the exchange of the request whose context ctx is.
 func exchangeFrom(ctx context.Context) *exchange {
-	x, _ := ctx.Value(exchangeKey{}).(*exchange)
-	return x
+	switch c := ctx.Value(connKey{}).(type) {
+	case *clientConn:
+		return c.x
+	case *innerConn:
+		return c.x
+	}
+	return nil
 }
 
-// newExchange wraps w and r for one request; r's replacement carries the
-// exchange and counts the body.
+// newExchange wraps w and r for one request, and counts r's body; the
+// caller makes it the current exchange of r's connection (served.x).
 func (p *Proxy) newExchange(w http.ResponseWriter, r *http.Request, c *clientConn, tun *tunnel) *exchange {
 	x := &exchange{p: p, start: time.Now(), conn: c, tun: tun, connect: r.Method == http.MethodConnect}
 	x.rw = &respWriter{w: w, x: x}
@@ -81,7 +92,6 @@ func (p *Proxy) newExchange(w http.ResponseWriter, r *http.Request, c *clientCon
 	} else {
 		x.log = p.log.With(zap.String("session_id", c.id), zap.String("client", c.client.Addr))
 	}
-	r = r.WithContext(context.WithValue(r.Context(), exchangeKey{}, x))
 	if r.Body != nil && r.Body != http.NoBody {
 		r.Body = p.newBody(w, r.Body, &x.bytesIn)
 	}
@@ -98,7 +108,9 @@ func (p *Proxy) serveOuter(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	x := p.newExchange(w, r, c, nil)
+	c.x = x
 	defer func() {
+		c.x = nil
 		x.finish()
 		if x.rw.hijacked != nil {
 			c.markFinished()
@@ -116,7 +128,9 @@ func (p *Proxy) serveInner(w http.ResponseWriter, r *http.Request) {
 	}
 	t := ic.tun
 	x := p.newExchange(w, r, t.conn, t)
+	ic.x = x
 	defer func() {
+		ic.x = nil
 		x.finish()
 		if x.rw.hijacked != nil {
 			ic.markFinished()
@@ -137,7 +151,7 @@ func (p *Proxy) serveInner(w http.ResponseWriter, r *http.Request) {
 	// goproxy wants an absolute URL; it names the tunnel's host, and decide
 	// refuses the request unless the request named the same one.
 	x.req.URL.Scheme = t.scheme
-	x.req.URL.Host = authority(t.host, t.port, t.scheme)
+	x.req.URL.Host = t.authority
 	p.gp.ServeHTTP(x.rw, x.req)
 }
 
@@ -154,8 +168,8 @@ func innerAuthority(r *http.Request, t *tunnel) (host, port, scheme string, err 
 		def = portHTTP
 	}
 	h := r.Host
-	if h == "" {
-		return t.host, t.port, scheme, nil
+	if h == "" || h == t.hostPort || (h == t.authority && scheme == t.scheme) {
+		return t.host, t.port, scheme, nil // what splitAuthority would say
 	}
 	host, port, err = splitAuthority(h, def)
 	return host, port, scheme, err
@@ -261,9 +275,11 @@ func (x *exchange) decide(req *http.Request) *http.Response {
 			"credproxy: route %s is at max_concurrent (%d); retry later", x.route.name(), x.route.cfg.MaxConcurrent), false)
 	}
 	x.slot = true
-	ctx, cancel := context.WithTimeout(req.Context(), credentialTimeout)
-	h, err := p.creds.Acquire(ctx, x.route.cfg.Credentials)
-	cancel()
+	// A credential the store holds comes at once; a fetch is waited for
+	// credentialTimeout at most.
+	x.credWait = lazyTimeout{parent: req.Context(), d: credentialTimeout}
+	h, err := p.creds.Acquire(&x.credWait, x.route.cfg.Credentials)
+	x.credWait.stop()
 	if err != nil {
 		var ue *credentials.UnavailableError
 		msg := err.Error()
@@ -283,28 +299,38 @@ func (x *exchange) decide(req *http.Request) *http.Response {
 // app as they are. It never returns an error: failures become a 502 (or
 // 503) the app can read.
 func (x *exchange) RoundTrip(req *http.Request, _ *goproxy.ProxyCtx) (*http.Response, error) {
-	out := req.Clone(req.Context())
+	out := req.WithContext(req.Context()) // a shallow copy; what differs is replaced
 	out.RequestURI = ""
 	out.URL = originURL(x.scheme, authority(x.host, x.port, x.scheme), req.URL)
 	out.Host = ""
 	out.Close = false
 	out.Trailer = nil
+	out.TransferEncoding = slices.Clone(req.TransferEncoding)
+	out.Form, out.PostForm, out.MultipartForm = nil, nil, nil
 	wantWS := isWebSocket(req.Header)
-	sanitizeHeaders(out.Header, true)
+	// A header map of its own, without the hop-by-hop headers. The values
+	// are the app's slices: injection replaces entries, never a slice's
+	// contents.
+	out.Header = sanitizedCopy(req.Header, true)
 
 	var echo *echoScrubber
 	if x.route != nil {
-		fields := x.reveal()
-		err := x.route.inject.Inject(out.Context(), out, fields)
-		if err != nil {
+		if pr := x.route.prepare(x.handle.Credential); pr.set != nil {
+			pr.set(out)
+			x.placed, echo = pr.placed, pr.echo
+		} else {
+			fields := x.reveal()
+			err := x.route.inject.Inject(out.Context(), out, fields)
+			if err != nil {
+				clear(fields)
+				return x.injectFailure(err), nil
+			}
+			x.placed = x.route.inject.Placed(out)
+			echo = newEchoScrubber(x.route.inject.Uses().pick(fields), x.placed)
 			clear(fields)
-			return x.injectFailure(err), nil
 		}
-		x.placed = x.route.inject.Placed(out)
-		echo = newEchoScrubber(x.route.inject.Uses().pick(fields), x.placed)
-		clear(fields)
 	}
-	resp, err := x.p.transportFor(x.route).RoundTrip(out)
+	resp, err := x.p.roundTrip(x, out)
 	if err != nil {
 		return x.upstreamFailure(err), nil
 	}
@@ -347,14 +373,7 @@ func (x *exchange) scrubResponse(resp *http.Response, echo *echoScrubber) {
 
 // reveal returns the credential's values, for injection and for redacting
 // a message; callers clear the map when done.
-func (x *exchange) reveal() map[string]string {
-	c := x.handle.Credential
-	fields := make(map[string]string, len(c.Fields))
-	for name, s := range c.Fields {
-		fields[name] = s.Reveal()
-	}
-	return fields
-}
+func (x *exchange) reveal() map[string]string { return revealFields(x.handle.Credential) }
 
 func (x *exchange) injectFailure(err error) *http.Response {
 	if resp := x.limitFailure(err); resp != nil {
@@ -377,34 +396,6 @@ func (x *exchange) upstreamFailure(err error) *http.Response {
 	reason, what := classifyUpstream(err)
 	return x.refuse(http.StatusBadGateway, reason, fmt.Sprintf("credproxy: upstream %s %s: %v",
 		net.JoinHostPort(x.host, x.port), what, err), false)
-}
-
-// classifyUpstream names a dial/TLS/exchange error: the audit reason and
-// a phrase for the message.
-func classifyUpstream(err error) (reason, what string) {
-	var (
-		verifyErr *tls.CertificateVerificationError
-		unknownCA x509.UnknownAuthorityError
-		hostErr   x509.HostnameError
-		invalid   x509.CertificateInvalidError
-		recordErr tls.RecordHeaderError
-		alert     tls.AlertError
-		opErr     *net.OpError
-		netErr    net.Error
-	)
-	switch {
-	case errors.As(err, &verifyErr), errors.As(err, &unknownCA), errors.As(err, &hostErr), errors.As(err, &invalid):
-		return "upstream TLS failed", "TLS verification failed"
-	case errors.As(err, &recordErr), errors.As(err, &alert), strings.Contains(err.Error(), "tls: "):
-		return "upstream TLS failed", "TLS handshake failed"
-	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &netErr) && netErr.Timeout():
-		return "upstream timeout", "timed out"
-	case errors.As(err, &opErr) && opErr.Op == "dial":
-		return "upstream unreachable", "unreachable"
-	case errors.Is(err, context.Canceled):
-		return "client gone", "request cancelled"
-	}
-	return "upstream error", "failed"
 }
 
 // refuse records a refusal (credproxy's own answer) and returns the
@@ -511,16 +502,20 @@ func (x *exchange) finish() {
 		x.log.Warn("request refused", zap.String("reason", x.reason), zap.Int("status", status),
 			zap.String("method", method), zap.String("host", host), zap.String("path", path), zap.String("error", x.errMsg))
 	}
-	rec := x.record(audit.EventRequest)
+	// The request record and what its pointers point at live in the
+	// exchange: one allocation a request rather than five.
+	a := &x.audited
+	rec := &a.rec
+	*rec = audit.Record{Event: audit.EventRequest, SessionID: x.conn.id, Protocol: protocolName, Service: x.service, Client: x.conn.client}
 	rec.Method, rec.Host, rec.Path, rec.Status = method, host, path, status
 	injected := x.injected
-	rec.Injected = &injected
+	a.injected = injected
+	rec.Injected = &a.injected
 	if x.route != nil && x.handle != nil {
 		rec.Credential = x.route.cfg.Credentials
 	}
-	rec.BytesIn = audit.Int64(x.bytesIn.Load())
-	rec.BytesOut = audit.Int64(x.bytesOut.Load())
-	rec.DurationMS = audit.Int64(dur.Milliseconds())
+	a.bytesIn, a.bytesOut, a.durationMS = x.bytesIn.Load(), x.bytesOut.Load(), dur.Milliseconds()
+	rec.BytesIn, rec.BytesOut, rec.DurationMS = &a.bytesIn, &a.bytesOut, &a.durationMS
 	p.audit.Record(rec)
 	routeName := ""
 	if x.route != nil {

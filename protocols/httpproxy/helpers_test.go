@@ -279,14 +279,23 @@ type dialLog struct {
 	routes map[string]string // host:port (or host) -> address
 	def    string
 	dials  []string
+	// fake answers a dial to a host (or host:port) in its stead.
+	fake map[string]func() (net.Conn, error)
 }
 
 func (d *dialLog) dial(ctx context.Context, network, addr string) (net.Conn, error) {
 	d.mu.Lock()
 	d.dials = append(d.dials, addr)
+	host, _, _ := net.SplitHostPort(addr)
+	if f := d.fake[addr]; f != nil || d.fake[host] != nil {
+		if f == nil {
+			f = d.fake[host]
+		}
+		d.mu.Unlock()
+		return f()
+	}
 	to, ok := d.routes[addr]
 	if !ok {
-		host, _, _ := net.SplitHostPort(addr)
 		to, ok = d.routes[host]
 	}
 	if !ok {
@@ -308,10 +317,12 @@ func (d *dialLog) all() []string {
 
 // proxySetup describes a test proxy.
 type proxySetup struct {
-	routes   []config.HTTPRoute
-	def      string // http.default
-	upCA     *testPKI
-	dial     map[string]string
+	routes []config.HTTPRoute
+	def    string // http.default
+	upCA   *testPKI
+	dial   map[string]string
+	// fakeDial answers the dials to a host (or host:port) in dial's stead.
+	fakeDial map[string]func() (net.Conn, error)
 	fields   map[string]map[string]string // credential name -> fields
 	creds    proxy.Credentials            // overrides fields
 	validity time.Duration
@@ -376,7 +387,7 @@ func startProxy(t testing.TB, s proxySetup) *testProxy {
 		creds = store
 	}
 	tp := &testProxy{audit: &memAudit{}, logs: &lockedBuffer{}, bodies: &lockedBuffer{},
-		dialed: &dialLog{routes: s.dial}, cfg: cfg}
+		dialed: &dialLog{routes: s.dial, fake: s.fakeDial}, cfg: cfg}
 	log := zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig()), tp.logs, zapcore.DebugLevel))
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

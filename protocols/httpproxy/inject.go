@@ -212,6 +212,33 @@ func render(t *template.Template, fields map[string]string) (string, error) {
 	return b.String(), nil
 }
 
+// fixedInjector is an injector whose change to a request depends on the
+// credential alone, not on the request: header, basic and query. Its
+// Inject is fixed, then set; route.prepare calls fixed once per
+// credential and applies set to each request.
+type fixedInjector interface {
+	injector
+	// fixed renders the credential's value and returns what places it in
+	// a request; its error is Inject's.
+	fixed(fields map[string]string) (set func(*http.Request), err error)
+}
+
+var (
+	_ fixedInjector = (*headerInjector)(nil)
+	_ fixedInjector = (*basicInjector)(nil)
+	_ fixedInjector = (*queryInjector)(nil)
+)
+
+// injectFixed is Inject for a fixedInjector.
+func injectFixed(f fixedInjector, req *http.Request, fields map[string]string) error {
+	set, err := f.fixed(fields)
+	if err != nil {
+		return err
+	}
+	set(req)
+	return nil
+}
+
 // headerInjector sets one header, replacing whatever the app sent under
 // that name.
 type headerInjector struct {
@@ -225,16 +252,21 @@ func (h *headerInjector) Kind() string { return "header" }
 func (h *headerInjector) Placed(req *http.Request) []string { return req.Header[h.name] }
 
 func (h *headerInjector) Inject(_ context.Context, req *http.Request, fields map[string]string) error {
+	return injectFixed(h, req, fields)
+}
+
+func (h *headerInjector) fixed(fields map[string]string) (func(*http.Request), error) {
 	v, err := render(h.value, fields)
 	if err != nil {
-		return credentialError("cannot render %s: %v", h.value.Name(), err)
+		return nil, credentialError("cannot render %s: %v", h.value.Name(), err)
 	}
 	if !validHeaderValue(v) {
-		return credentialError("%s rendered a value that is not a valid header value (control characters)", h.value.Name())
+		return nil, credentialError("%s rendered a value that is not a valid header value (control characters)", h.value.Name())
 	}
-	deleteHeaderFold(req.Header, h.name)
-	req.Header[h.name] = []string{v}
-	return nil
+	return func(req *http.Request) {
+		deleteHeaderFold(req.Header, h.name)
+		req.Header[h.name] = []string{v}
+	}, nil
 }
 
 // basicInjector sets Authorization: Basic.
@@ -258,20 +290,26 @@ func authorizationForms(req *http.Request) []string {
 }
 
 func (b *basicInjector) Inject(_ context.Context, req *http.Request, fields map[string]string) error {
+	return injectFixed(b, req, fields)
+}
+
+func (b *basicInjector) fixed(fields map[string]string) (func(*http.Request), error) {
 	u, err := render(b.user, fields)
 	if err != nil {
-		return credentialError("cannot render %s: %v", b.user.Name(), err)
+		return nil, credentialError("cannot render %s: %v", b.user.Name(), err)
 	}
 	p, err := render(b.password, fields)
 	if err != nil {
-		return credentialError("cannot render %s: %v", b.password.Name(), err)
+		return nil, credentialError("cannot render %s: %v", b.password.Name(), err)
 	}
 	if strings.Contains(u, ":") {
-		return credentialError("basic.username rendered a value containing ':', which basic auth cannot carry")
+		return nil, credentialError("basic.username rendered a value containing ':', which basic auth cannot carry")
 	}
-	deleteHeaderFold(req.Header, "Authorization")
-	req.Header["Authorization"] = []string{"Basic " + base64.StdEncoding.EncodeToString([]byte(u+":"+p))}
-	return nil
+	v := "Basic " + base64.StdEncoding.EncodeToString([]byte(u+":"+p))
+	return func(req *http.Request) {
+		deleteHeaderFold(req.Header, "Authorization")
+		req.Header["Authorization"] = []string{v}
+	}, nil
 }
 
 // queryInjector sets one query parameter, replacing every occurrence the
@@ -290,13 +328,18 @@ func (q *queryInjector) Placed(req *http.Request) []string {
 }
 
 func (q *queryInjector) Inject(_ context.Context, req *http.Request, fields map[string]string) error {
+	return injectFixed(q, req, fields)
+}
+
+func (q *queryInjector) fixed(fields map[string]string) (func(*http.Request), error) {
 	v, err := render(q.value, fields)
 	if err != nil {
-		return credentialError("cannot render %s: %v", q.value.Name(), err)
+		return nil, credentialError("cannot render %s: %v", q.value.Name(), err)
 	}
-	req.URL.RawQuery = setQueryParam(req.URL.RawQuery, q.name, v)
-	req.URL.ForceQuery = false
-	return nil
+	return func(req *http.Request) {
+		req.URL.RawQuery = setQueryParam(req.URL.RawQuery, q.name, v)
+		req.URL.ForceQuery = false
+	}, nil
 }
 
 // setQueryParam drops every parameter named name from rawQuery (in any
@@ -488,22 +531,9 @@ func headerHasToken(h http.Header, name, token string) bool {
 // app's copy of it.
 func sanitizeHeaders(h http.Header, keepWebSocket bool) {
 	ws := keepWebSocket && isWebSocket(h)
-	named := map[string]bool{}
-	for k, vs := range h {
-		if !strings.EqualFold(k, "Connection") {
-			continue
-		}
-		for _, v := range vs {
-			for t := range strings.SplitSeq(v, ",") {
-				if t = strings.TrimSpace(t); t != "" {
-					named[textproto.CanonicalMIMEHeaderKey(t)] = true
-				}
-			}
-		}
-	}
+	named := connectionNamed(h)
 	for k := range h {
-		ck := textproto.CanonicalMIMEHeaderKey(k)
-		if isHopByHop(ck) || named[ck] {
+		if dropHeader(k, &named) {
 			delete(h, k)
 		}
 	}
@@ -511,6 +541,81 @@ func sanitizeHeaders(h http.Header, keepWebSocket bool) {
 		h["Connection"] = []string{"Upgrade"}
 		h["Upgrade"] = []string{"websocket"}
 	}
+}
+
+// sanitizedCopy is sanitizeHeaders on a new map with h's entries: h is
+// left as it is, and the copy shares its value slices.
+func sanitizedCopy(h http.Header, keepWebSocket bool) http.Header {
+	ws := keepWebSocket && isWebSocket(h)
+	named := connectionNamed(h)
+	out := make(http.Header, len(h))
+	for k, vs := range h {
+		if !dropHeader(k, &named) {
+			out[k] = vs
+		}
+	}
+	if ws {
+		out["Connection"] = []string{"Upgrade"}
+		out["Upgrade"] = []string{"websocket"}
+	}
+	return out
+}
+
+// namedHeaders are the headers a Connection header names, canonical: a
+// few in a slice (the usual case, no map to make), more in a map (the app
+// picks how many; a lookup must not cost as many comparisons).
+type namedHeaders struct {
+	few  []string
+	many map[string]bool
+}
+
+const maxFewNamed = 8
+
+func (n *namedHeaders) add(name string) {
+	if n.many != nil {
+		n.many[name] = true
+		return
+	}
+	n.few = append(n.few, name)
+	if len(n.few) > maxFewNamed {
+		n.many = make(map[string]bool, 2*len(n.few))
+		for _, f := range n.few {
+			n.many[f] = true
+		}
+		n.few = nil
+	}
+}
+
+func (n *namedHeaders) has(name string) bool {
+	if n.many != nil {
+		return n.many[name]
+	}
+	return slices.Contains(n.few, name)
+}
+
+// connectionNamed lists the headers the Connection header names.
+func connectionNamed(h http.Header) namedHeaders {
+	var named namedHeaders
+	for k, vs := range h {
+		if !strings.EqualFold(k, "Connection") {
+			continue
+		}
+		for _, v := range vs {
+			for t := range strings.SplitSeq(v, ",") {
+				if t = strings.TrimSpace(t); t != "" {
+					named.add(textproto.CanonicalMIMEHeaderKey(t))
+				}
+			}
+		}
+	}
+	return named
+}
+
+// dropHeader reports whether header k goes: hop-by-hop, Proxy-*, or
+// named by Connection.
+func dropHeader(k string, named *namedHeaders) bool {
+	ck := textproto.CanonicalMIMEHeaderKey(k)
+	return isHopByHop(ck) || named.has(ck)
 }
 
 // deleteHeaderFold deletes name in any letter case, including keys that

@@ -44,6 +44,17 @@ func (p *Proxy) refuseConn(conn net.Conn, sessionID string) error {
 	return errTooManyConnections
 }
 
+// roundTrip sends a request upstream: a routed GET or HEAD without a
+// body on the lean client (lean.go), unless its route has a
+// max_upstream_connections bound; everything else on transportFor's
+// transport.
+func (p *Proxy) roundTrip(x *exchange, out *http.Request) (*http.Response, error) {
+	if r := x.route; r != nil && r.transport == nil && leanEligible(out) {
+		return p.lean.roundTrip(out, x.scheme, net.JoinHostPort(x.host, x.port))
+	}
+	return p.transportFor(x.route).RoundTrip(out)
+}
+
 // transportFor is the transport a request goes out on: its route's own
 // (max_upstream_connections), the shared one for other routes, or for a
 // request passed through (no route, default: tunnel) the one whose dialer
@@ -67,11 +78,10 @@ func (p *Proxy) boundRoute(r *route) {
 		return
 	}
 	r.upstream = make(chan struct{}, n)
-	t := p.transport.Clone()
-	t.MaxIdleConns, t.MaxIdleConnsPerHost = n, n
-	t.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+	t := p.newTransport(func(ctx context.Context, network, addr string) (net.Conn, error) {
 		return p.dialBounded(ctx, r, network, addr)
-	}
+	})
+	t.MaxIdleConns, t.MaxIdleConnsPerHost = n, n
 	r.transport = t
 }
 
@@ -102,7 +112,7 @@ func (p *Proxy) dialBounded(ctx context.Context, r *route, network, addr string)
 			return nil, &UpstreamLimitError{Route: r.name(), Max: cap(r.upstream)}
 		}
 	}
-	c, err := p.dial(ctx, network, addr)
+	c, err := typedDial(p.dial)(ctx, network, addr)
 	if err != nil {
 		<-r.upstream
 		return nil, err

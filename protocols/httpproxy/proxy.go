@@ -103,15 +103,21 @@ type Proxy struct {
 	metrics       *proxy.Metrics // nil-safe
 	tunnelDefault bool
 
-	dial      func(ctx context.Context, network, addr string) (net.Conn, error)
-	transport *http.Transport // routed requests
-	limits    *limit.Listener
+	dial        dialFunc
+	upstreamTLS *tls.Config     // every upstream TLS connection's (upstream.go)
+	transport   *http.Transport // routed requests
+	lean        *leanClient     // routed GETs and HEADs without a body (lean.go)
+	limits      *limit.Listener
 	// Passing through (default: tunnel): the dialer checks the deny list.
 	deny          *denyList
-	passDial      func(ctx context.Context, network, addr string) (net.Conn, error)
+	passDial      dialFunc
 	passTransport *http.Transport
 	certs         *certManager
-	gp            *goproxy.ProxyHttpServer
+	// tickets holds the session ticket keys of every tunnel's TLS server
+	// (tunnelTLS): crypto/tls makes and rotates them. It serves no
+	// connection itself.
+	tickets *tls.Config
+	gp      *goproxy.ProxyHttpServer
 
 	// outer serves connections on the proxy listener; inner serves the
 	// decrypted inside of intercepted tunnels.
@@ -195,33 +201,18 @@ func New(opts Options) (*Proxy, error) {
 	p.ctx, p.cancel = context.WithCancel(context.Background())
 	p.draining, p.drain = context.WithCancel(context.Background())
 
-	p.transport = &http.Transport{
-		Proxy:       nil, // never the environment's proxy: that may be credproxy itself
-		DialContext: p.dialUpstream,
-		TLSClientConfig: &tls.Config{
-			RootCAs:    roots,
-			MinVersion: tls.VersionTLS12,
-			NextProtos: []string{"http/1.1"},
-		},
-		TLSHandshakeTimeout:    handshakeTimeout,
-		MaxIdleConns:           1024,
-		MaxIdleConnsPerHost:    256,
-		IdleConnTimeout:        90 * time.Second,
-		ExpectContinueTimeout:  time.Second,
-		MaxResponseHeaderBytes: 1 << 20,
-		// The app's Accept-Encoding goes upstream as sent and the response
-		// comes back as the upstream encoded it.
-		DisableCompression: true,
-	}
+	p.upstreamTLS = upstreamTLSConfig(roots)
+	p.tickets = &tls.Config{}
+	p.transport = p.newTransport(p.dialUpstream)
+	p.lean = newLeanClient(p.dialUpstream, dialTLS(p.dialUpstream, p.upstreamTLS))
 	for _, r := range routes.routes {
 		p.boundRoute(r)
 	}
-	p.passTransport = p.transport.Clone()
-	p.passTransport.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+	p.passTransport = p.newTransport(func(ctx context.Context, network, addr string) (net.Conn, error) {
 		ctx, cancel := context.WithTimeout(ctx, dialTimeout)
 		defer cancel()
 		return p.passDial(ctx, network, addr)
-	}
+	})
 	p.certs = newCertManager(ca, routes.routed, certOptions{validity: opts.certValidity, renewInterval: opts.renewInterval},
 		p.log.Named("certs"))
 
@@ -241,6 +232,29 @@ func New(opts Options) (*Proxy, error) {
 	p.outer = p.newServer(http.HandlerFunc(p.serveOuter), "outer")
 	p.inner = p.newServer(http.HandlerFunc(p.serveInner), "inner")
 	return p, nil
+}
+
+// newTransport is an upstream transport whose connections dial opens:
+// plain ones for upstream: http, and for HTTPS the TLS handshake on top
+// (dialTLS). Every transport is made here, so none can end up with
+// another's dialer.
+func (p *Proxy) newTransport(dial dialFunc) *http.Transport {
+	return &http.Transport{
+		Proxy:          nil, // never the environment's proxy: that may be credproxy itself
+		DialContext:    dial,
+		DialTLSContext: dialTLS(dial, p.upstreamTLS),
+		// Unused while DialTLSContext is set; the same settings if not.
+		TLSClientConfig:        p.upstreamTLS,
+		TLSHandshakeTimeout:    handshakeTimeout,
+		MaxIdleConns:           1024,
+		MaxIdleConnsPerHost:    256,
+		IdleConnTimeout:        90 * time.Second,
+		ExpectContinueTimeout:  time.Second,
+		MaxResponseHeaderBytes: 1 << 20,
+		// The app's Accept-Encoding goes upstream as sent and the response
+		// comes back as the upstream encoded it.
+		DisableCompression: true,
+	}
 }
 
 func (p *Proxy) newServer(h http.Handler, name string) *http.Server {
@@ -286,10 +300,11 @@ func upstreamRoots(file string) (*x509.CertPool, error) {
 	return pool, nil
 }
 
+// dialUpstream dials a routed upstream within dialTimeout.
 func (p *Proxy) dialUpstream(ctx context.Context, network, addr string) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, dialTimeout)
 	defer cancel()
-	return p.dial(ctx, network, addr)
+	return typedDial(p.dial)(ctx, network, addr)
 }
 
 // start runs the two HTTP servers, once.
@@ -406,6 +421,7 @@ func (p *Proxy) Close() error {
 		p.active.Wait()
 		p.servers.Wait()
 		p.transport.CloseIdleConnections()
+		p.lean.close()
 		p.passTransport.CloseIdleConnections()
 		for _, r := range p.routes.routes {
 			if r.transport != nil {

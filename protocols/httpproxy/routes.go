@@ -5,10 +5,13 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
+	"sync/atomic"
 
 	"github.com/credproxy/credproxy/config"
+	"github.com/credproxy/credproxy/proxy/credentials"
 )
 
 // Default ports: a route without a port matches only the default port of
@@ -35,6 +38,54 @@ type route struct {
 	// proxy's shared transport, no bound of its own.
 	transport *http.Transport
 	upstream  chan struct{}
+	// prepared is the injection of the credential last seen (prepare).
+	prepared atomic.Pointer[prepared]
+}
+
+// prepared is a route's injection of one credential, worked out once for
+// every request that uses that credential: for an injector that depends
+// on the credential alone (fixedInjector), the rendered value (set), what
+// it places (placed) and the response scrubber (echo). set is nil for an
+// injector that works per request (aws_sigv4), or when the credential
+// cannot be injected (Inject then reports why, per request).
+type prepared struct {
+	cred   *credentials.Credential
+	set    func(*http.Request)
+	placed []string
+	echo   *echoScrubber // nil: nothing to scrub
+}
+
+// prepare returns the route's injection of cred, from the last request's
+// if it used the same credential. A credential fetched anew (rotated,
+// refreshed) is a new *Credential, so nothing outlives it but until the
+// next request.
+func (r *route) prepare(cred *credentials.Credential) *prepared {
+	if pr := r.prepared.Load(); pr != nil && pr.cred == cred {
+		return pr
+	}
+	pr := &prepared{cred: cred}
+	if f, ok := r.inject.(fixedInjector); ok {
+		fields := revealFields(cred)
+		if set, err := f.fixed(fields); err == nil {
+			scratch := &http.Request{Header: http.Header{}, URL: &url.URL{}}
+			set(scratch)
+			pr.set, pr.placed = set, f.Placed(scratch)
+			pr.echo = newEchoScrubber(r.inject.Uses().pick(fields), pr.placed)
+		}
+		clear(fields)
+	}
+	r.prepared.Store(pr)
+	return pr
+}
+
+// revealFields returns a credential's values, for injection and for
+// redacting a message; callers clear the map when done.
+func revealFields(c *credentials.Credential) map[string]string {
+	fields := make(map[string]string, len(c.Fields))
+	for name, s := range c.Fields {
+		fields[name] = s.Reveal()
+	}
+	return fields
 }
 
 // name is the route as configured: the audit service and metric label.

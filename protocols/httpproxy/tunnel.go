@@ -2,6 +2,7 @@ package httpproxy
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -9,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -25,9 +27,15 @@ type tunnel struct {
 	route      *route
 	host, port string // the CONNECT target, normalized
 	scheme     string // "https" (TLS inside) or "http" (cleartext inside)
-	log        *zap.Logger
+	// authority is host and port as a URL names them for scheme (no
+	// default port), hostPort with the port always: computed once, they
+	// spare each request in the tunnel parsing its Host again when it is
+	// one of them (innerAuthority).
+	authority, hostPort string
+	log                 *zap.Logger
 
-	// Set during the TLS handshake, read by requests afterwards.
+	// Set during the TLS handshake (GetConfigForClient), read by requests
+	// afterwards.
 	sni    string // as the client sent it
 	sniBad bool   // it names another host than the CONNECT
 }
@@ -114,6 +122,9 @@ func (p *Proxy) serveTunnel(x *exchange, t *tunnel, client net.Conn) error {
 	t.scheme = "http"
 	if isTLS {
 		t.scheme = "https"
+	}
+	t.authority, t.hostPort = authority(t.host, t.port, t.scheme), net.JoinHostPort(t.host, t.port)
+	if isTLS {
 		tc := tls.Server(conn, p.tunnelTLS(t))
 		hctx, cancel := context.WithTimeout(ctx, handshakeTimeout)
 		err := tc.HandshakeContext(hctx)
@@ -184,21 +195,48 @@ func (p *Proxy) refuseH2(x *exchange, c net.Conn) {
 // refused in the handshake: credproxy would otherwise have to be bypassed)
 // and serves the CONNECT host's certificate, whatever the SNI. An SNI for
 // another host is recorded, and every request on the tunnel refused.
+//
+// Sessions resume: tickets are sealed with the proxy's ticket keys
+// (p.tickets, rotated by crypto/tls), so an app that opens a new tunnel
+// to the same host skips the certificate and the key exchange's
+// signature. A ticket names the tunnel's CONNECT host and port and
+// resumes only in a tunnel to the same one. The SNI is read in
+// GetConfigForClient, which sees every ClientHello, resumed or not
+// (GetCertificate is not called on resumption).
 func (p *Proxy) tunnelTLS(t *tunnel) *tls.Config {
+	binding := []byte(ticketBinding + net.JoinHostPort(t.host, t.port))
 	return &tls.Config{
 		MinVersion: tls.VersionTLS12,
 		NextProtos: []string{"http/1.1"},
-		GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+		GetConfigForClient: func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
 			if hello.ServerName != "" {
 				t.sni = hello.ServerName
 				if sni, err := normalizeHost(hello.ServerName); err != nil || sni != t.host {
 					t.sniBad = true
 				}
 			}
+			return nil, nil // this config
+		},
+		GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
 			return p.certs.get(hello.Context(), t.host)
+		},
+		WrapSession: func(cs tls.ConnectionState, ss *tls.SessionState) ([]byte, error) {
+			ss.Extra = append(ss.Extra, binding)
+			return p.tickets.EncryptTicket(cs, ss)
+		},
+		UnwrapSession: func(identity []byte, cs tls.ConnectionState) (*tls.SessionState, error) {
+			ss, err := p.tickets.DecryptTicket(identity, cs)
+			if err != nil || ss == nil || !slices.ContainsFunc(ss.Extra, func(b []byte) bool { return bytes.Equal(b, binding) }) {
+				return nil, nil // a full handshake
+			}
+			return ss, nil
 		},
 	}
 }
+
+// ticketBinding starts the SessionState.Extra entry that ties a session
+// ticket to its tunnel's CONNECT host and port.
+const ticketBinding = "credproxy tunnel "
 
 // passThrough serves a CONNECT to an unrouted host under default: tunnel:
 // bytes both ways, untouched, nothing injected.
