@@ -124,6 +124,11 @@ type Postgres struct {
 	// refused at once, before anything is read, with FATAL 53300. 0
 	// (default): derived from the open-file limit.
 	MaxHandshakes int `yaml:"max_handshakes"`
+	// AllowReplication lets apps open replication connections (the
+	// replication startup parameter: physical streaming as pg_basebackup
+	// does, logical decoding). Off (default): refused with FATAL 42501,
+	// as PostgreSQL refuses a role without REPLICATION.
+	AllowReplication bool `yaml:"allow_replication"`
 }
 
 // Rotation says when a session moves to a fresh credential.
@@ -169,6 +174,10 @@ type PostgresTLS struct {
 type ClientTLS struct {
 	CertFile string `yaml:"cert_file"`
 	KeyFile  string `yaml:"key_file"`
+	// Required refuses apps that do not negotiate TLS, as a hostssl line in
+	// pg_hba.conf does (FATAL 28000). Default false: libpq's default
+	// sslmode (prefer) and apps on loopback or a unix socket keep working.
+	Required bool `yaml:"required"`
 }
 
 // HTTP is the forward proxy for HTTP_PROXY / HTTPS_PROXY clients.

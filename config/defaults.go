@@ -109,7 +109,7 @@ func (c *Config) applyDefaults(present map[string]bool) {
 		}
 		// INTERFACE.md's sample writes client_tls with both files empty; that
 		// means no client TLS, the same as leaving client_tls out.
-		if ct := p.ClientTLS; ct != nil && ct.CertFile == "" && ct.KeyFile == "" {
+		if ct := p.ClientTLS; ct != nil && ct.CertFile == "" && ct.KeyFile == "" && !ct.Required {
 			p.ClientTLS = nil
 		}
 	}

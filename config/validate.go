@@ -340,6 +340,11 @@ func (c *Config) validatePostgres(v *validator, ls listeners, i int) {
 
 	if p.ClientTLS != nil {
 		v.pairedFiles(path+".client_tls", p.ClientTLS.CertFile, p.ClientTLS.KeyFile, true)
+		if p.ClientTLS.Required && strings.HasPrefix(p.Listen, "unix:") {
+			// libpq never asks for TLS over a unix socket (nor does
+			// PostgreSQL offer it there): every app would be refused.
+			v.add(path+".client_tls.required", "cannot apply to a unix: listen address (clients never use TLS over a unix socket)")
+		}
 	}
 	if p.StartupTimeout <= 0 {
 		v.add(path+".startup_timeout", "must be greater than 0")

@@ -144,6 +144,9 @@ type opsProc struct {
 	// listener. render reads them when it writes the config.
 	addrs  map[string]string
 	render func(p *opsProc) string
+	// wrap, if set, runs the binary under a command (prlimit …, which execs
+	// it in place, so the pid is credproxy's).
+	wrap []string
 
 	cmd    *exec.Cmd
 	stderr *lockedBuffer
@@ -207,7 +210,8 @@ func (p *opsProc) start(args ...string) {
 // launch starts the process; its stderr goes to the no-leak collector.
 func (p *opsProc) launch(bin string, args ...string) {
 	p.t.Helper()
-	cmd := exec.Command(bin, append([]string{"run", "--config", p.cfgPath}, args...)...)
+	argv := append(append(append([]string(nil), p.wrap...), bin, "run", "--config", p.cfgPath), args...)
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Dir = p.dir
 	cmd.Env = opsEnv()
 	// Brought down with us if the test binary dies without its Cleanups.

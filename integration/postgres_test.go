@@ -570,6 +570,36 @@ func cancelConfig(t *testing.T, dsn string) *pgx.ConnConfig {
 	return cfg
 }
 
+// whenRunning calls fn once pg_stat_activity, read on another session
+// through dsn, shows backend pid running query. A cancel sent on a timer
+// instead can reach the backend before the query does and cancel nothing,
+// which a loaded machine makes likely. The returned func waits for the
+// watcher to end.
+func whenRunning(t *testing.T, ctx context.Context, dsn string, pid uint32, query string, fn func()) (wait func()) {
+	t.Helper()
+	watcher := mustConnect(t, ctx, dsn)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		defer watcher.Close(context.Background())
+		for i := 0; i < 3000 && ctx.Err() == nil; i++ {
+			var n int
+			err := watcher.QueryRow(ctx, "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND state = 'active' AND query = $2", pid, query).Scan(&n)
+			if err != nil {
+				t.Errorf("watching pg_stat_activity: %v", err)
+				return
+			}
+			if n > 0 {
+				fn()
+				return
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		t.Errorf("backend %d was never seen running %q", pid, query)
+	}()
+	return func() { <-done }
+}
+
 // TestCancel cancels a running query through the proxy, over plain and TLS
 // upstreams, and checks a cancel with an unknown key does nothing.
 func TestCancel(t *testing.T) {
@@ -611,11 +641,11 @@ func TestCancel(t *testing.T) {
 			}
 			qctx, cancel := context.WithCancel(ctx)
 			cancelled := make(chan time.Time, 1)
-			timer := time.AfterFunc(300*time.Millisecond, func() {
+			stop := whenRunning(t, ctx, appDSN(p.addr(t, tc.svc)), backendPID, "SELECT pg_sleep(30)", func() {
 				cancelled <- time.Now()
 				cancel()
 			})
-			defer timer.Stop()
+			defer stop()
 			_, err = conn.Exec(qctx, "SELECT pg_sleep(30)")
 			returned := time.Now()
 			var latency time.Duration
@@ -650,14 +680,14 @@ func TestCancel(t *testing.T) {
 		ctx := testCtx(t, time.Minute)
 		conn := mustConnect(t, ctx, appDSN(p.addr(t, "plain")))
 		sent := make(chan time.Time, 1)
-		timer := time.AfterFunc(300*time.Millisecond, func() {
+		stop := whenRunning(t, ctx, appDSN(p.addr(t, "plain")), conn.PgConn().PID(), "SELECT pg_sleep(30)", func() {
 			at := time.Now()
 			if err := conn.PgConn().CancelRequest(ctx); err != nil {
 				t.Errorf("CancelRequest: %v", err)
 			}
 			sent <- at
 		})
-		defer timer.Stop()
+		defer stop()
 		_, err := conn.Exec(ctx, "SELECT pg_sleep(30)")
 		returned := time.Now()
 		if err == nil {
@@ -1101,7 +1131,19 @@ func TestUpstreamErrorsPassedOn(t *testing.T) {
 	t.Run("database-does-not-exist", func(t *testing.T) {
 		// PostgreSQL reports this after AuthenticationOk.
 		ctx := testCtx(t, 30*time.Second)
-		_, err := connect(t, ctx, strings.Replace(appDSN(addr), "dbname="+pgtest.AppDB, "dbname=no_such_db", 1))
+		dsn := strings.Replace(appDSN(addr), "dbname="+pgtest.AppDB, "dbname=no_such_db", 1)
+		_, err := connect(t, ctx, dsn)
+		// With max_connections 5, three slots are the superuser's: the
+		// setup's own backends, still exiting, can hold the other two for
+		// a moment (53300 "remaining connection slots are reserved").
+		for i := 0; i < 100 && err != nil; i++ {
+			var busy *pgconn.PgError
+			if !errors.As(err, &busy) || busy.Code != "53300" {
+				break
+			}
+			time.Sleep(50 * time.Millisecond)
+			_, err = connect(t, ctx, dsn)
+		}
 		if err == nil {
 			t.Fatal("connected to a database that does not exist")
 		}

@@ -74,6 +74,7 @@ func (s *Server) build(cfg *config.Config) (b *built, err error) {
 		Metrics:     s.metrics,
 		Limits:      func(name, listen string) *limit.Listener { return s.limitsFor(svcKey(name, listen)) },
 		Share:       limit.Share(limit.OpenFileLimit(), listeners),
+		Budget:      s.budget,
 		OwnAddrs:    s.ownAddrs,
 	}
 	for _, p := range s.protocols {

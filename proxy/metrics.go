@@ -85,6 +85,16 @@ func (m *Metrics) registerReady(ready func() bool) {
 	}))
 }
 
+// registerAuditWaiting adds credproxy_audit_waiting_records: records
+// handed to the audit log that wait for the one being written, each
+// holding back its session (the audit log never drops a record).
+func (m *Metrics) registerAuditWaiting(waiting func() int) {
+	m.Registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: "credproxy", Name: "audit_waiting_records",
+		Help: "Audit records waiting to be written; their sessions wait with them.",
+	}, func() float64 { return float64(waiting()) }))
+}
+
 type factory struct{ reg *prometheus.Registry }
 
 func (f factory) gauge(name, help string, labels ...string) *prometheus.GaugeVec {

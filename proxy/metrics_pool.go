@@ -28,7 +28,7 @@ func newPoolMetrics(f factory, latency []float64) *poolMetrics {
 			"protocol", "service"),
 		closed: f.counter("pool_closed_total", "Pooled upstream connections closed, by reason: idle_timeout, max_lifetime, "+
 			"lease (credential retired or ended), stale (credential replaced), evicted (room for another key), "+
-			"unclean (the session left it in a state that cannot be reset), reset_failed, broken, shutdown.",
+			"unclean (the session left it in a state that cannot be reset), reset_failed, broken, open_files (no room in the open-file budget to keep it idle), shutdown.",
 			"protocol", "service", "reason"),
 	}
 }

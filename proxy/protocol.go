@@ -81,6 +81,10 @@ type Env struct {
 	// Share is the process's open-file limit divided among every listener
 	// the config has: what a limit left at 0 defaults from.
 	Share int
+	// Budget counts every app connection of the process against its
+	// open-file limit, whatever the services' own limits; a handler
+	// refuses one it cannot take a place for.
+	Budget *limit.Budget
 	// OwnAddrs lists every address credproxy listens on: the admin server
 	// and every service, the caller's own listener among them.
 	OwnAddrs func() []net.Addr

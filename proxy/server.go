@@ -54,6 +54,7 @@ type Server struct {
 	audits   []*audit.Writer            // every audit file opened, closed at Close
 	closers  []func() error             // every handler with resources of its own
 	limits   map[string]*limit.Listener // each listener's counters, by Service.key
+	budget   *limit.Budget              // the process's open-file budget, shared by every listener
 
 	mu         sync.Mutex
 	listeners  map[string]*listener // by Service.key
@@ -73,9 +74,11 @@ type Server struct {
 // protocols, but binds nothing.
 func New(cfg *config.Config, log *zap.Logger, o Options) (*Server, error) {
 	s := &Server{log: log, metrics: NewMetrics(), audit: &swapSink{}, protocols: o.Protocols,
-		listeners: make(map[string]*listener), limits: make(map[string]*limit.Listener)}
+		listeners: make(map[string]*listener), limits: make(map[string]*limit.Listener),
+		budget: limit.NewBudget(limit.OpenFileLimit())}
 	s.sessCtx, s.killAll = context.WithCancel(context.Background())
 	s.metrics.registerReady(func() bool { return len(s.notReady()) == 0 })
+	s.metrics.registerAuditWaiting(s.audit.waiting)
 	b, err := s.build(cfg)
 	if err != nil {
 		return nil, err
@@ -272,6 +275,14 @@ func (s *swapSink) Record(r *audit.Record) {
 	if sink != nil {
 		sink.Record(r)
 	}
+}
+
+// waiting is how many records wait for the current audit writer.
+func (s *swapSink) waiting() int {
+	if w, ok := s.current().(interface{ Waiting() int }); ok {
+		return w.Waiting()
+	}
+	return 0
 }
 
 func (s *swapSink) current() audit.Sink {

@@ -468,6 +468,28 @@ func (s *Server) stop(t testing.TB) {
 	t.Errorf("pgtest: postgres pid %d did not exit", p.cmd.Process.Pid)
 }
 
+// Shutdown stops the server as `pg_ctl stop -m mode` does, by the signal
+// pg_ctl sends the postmaster (smart SIGTERM, fast SIGINT, immediate
+// SIGQUIT), and waits up to a minute for it to exit. The test's Cleanup
+// then has nothing left to stop.
+func (s *Server) Shutdown(t testing.TB, mode string) {
+	t.Helper()
+	sig := map[string]syscall.Signal{"smart": syscall.SIGTERM, "fast": syscall.SIGINT, "immediate": syscall.SIGQUIT}[mode]
+	if sig == 0 {
+		t.Fatalf("pgtest: unknown shutdown mode %q", mode)
+	}
+	p := s.proc
+	if exited(p) {
+		return
+	}
+	_ = p.cmd.Process.Signal(sig)
+	select {
+	case <-p.done:
+	case <-time.After(time.Minute):
+		t.Fatalf("pgtest: postgres pid %d still running a minute after %s shutdown", p.cmd.Process.Pid, mode)
+	}
+}
+
 // bootstrap sets the superuser password and creates the roles and AppDB.
 func (s *Server) bootstrap() error {
 	ctx, cancel := context.WithTimeout(context.Background(), execTimeout)

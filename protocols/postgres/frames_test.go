@@ -25,7 +25,8 @@ type appRun struct {
 func scanApp(data []byte, chunk, collect int) appRun {
 	var run appRun
 	sc := appScan{collect: collect, onStatement: func(typ byte, body []byte, truncated bool) {
-		sql, ok := statementText(typ, body, truncated)
+		b, ok := statementText(typ, body, truncated)
+		sql := string(b)
 		if !ok {
 			sql = "(malformed)"
 		}

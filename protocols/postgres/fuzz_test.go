@@ -124,10 +124,10 @@ func FuzzStatementText(f *testing.F) {
 		if len(sql) > len(body) {
 			t.Fatalf("statement text (%d bytes) longer than the body (%d)", len(sql), len(body))
 		}
-		if bytes.IndexByte([]byte(sql), 0) >= 0 {
+		if bytes.IndexByte(sql, 0) >= 0 {
 			t.Fatalf("statement text contains NUL: %q", sql)
 		}
-		if !bytes.Contains(body, []byte(sql)) {
+		if !bytes.Contains(body, sql) {
 			t.Fatalf("statement text %q is not in the body", sql)
 		}
 	})

@@ -42,6 +42,9 @@ type Options struct {
 	// engine shares one between the handlers a reload swaps, so the
 	// counts carry over; nil gives the handler counters of its own.
 	Limits *limit.Listener
+	// Budget is the process's open-file budget (nil: none), which every
+	// app connection takes a place in for as long as it is open.
+	Budget *limit.Budget
 }
 
 // Handler serves app connections for one configured Postgres service.
@@ -54,6 +57,7 @@ type Handler struct {
 	log          *zap.Logger
 	obs          *proxy.Metrics // counts sessions; nil-safe
 	limits       *limit.Listener
+	budget       *limit.Budget
 
 	tls       *tls.Config // to the upstream; nil for mode disable
 	clientTLS *tls.Config // offered to apps; nil when not configured
@@ -73,6 +77,7 @@ func NewHandler(o Options) (*Handler, error) {
 		log:          o.Logger,
 		obs:          o.Metrics,
 		limits:       o.Limits,
+		budget:       o.Budget,
 		keepAlive:    30 * time.Second,
 	}
 	if h.limits == nil {
@@ -128,6 +133,10 @@ type session struct {
 	handshaking      bool // holds a max_handshakes place
 	slot             bool // holds a max_sessions place
 	database, dbUser string
+	// replication is the app's replication request: "physical",
+	// "logical" (see replicationMode) or "" for an ordinary session.
+	replication string
+
 	// appPID is the process id the app was given (BackendKeyData); cancel
 	// is its cancel key's entry, which a migration points at the new
 	// backend.
@@ -153,10 +162,18 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, id string) error
 		s.log = s.log.With(zap.String("identity", s.clientInfo.Identity))
 	}
 	defer conn.Close()
+	// Over the open-file budget: refuse at once, before this connection
+	// can take an upstream descriptor, so that the process never runs out
+	// (an accept or a dial failing for want of one leaves the app without
+	// an answer, and the admin server without its reserve).
+	if !h.budget.TryAcquire() {
+		return s.refuseAtOnce(&tooManyError{key: "open-file budget", limit: h.budget.Max(), reason: RefusedOpenFiles})
+	}
+	defer h.budget.Release()
 	// Over max_handshakes: refuse at once, reading nothing, so a flood of
 	// connections that never finish their startup holds nothing.
 	if !h.limits.Handshakes.TryAcquire(h.cfg.MaxHandshakes) {
-		return s.refuseAtOnce()
+		return s.refuseAtOnce(&tooManyError{key: "max_handshakes", limit: h.cfg.MaxHandshakes, reason: RefusedMaxHandshakes})
 	}
 	s.handshaking = true
 	defer s.leaveHandshake()
@@ -179,7 +196,7 @@ func (s *session) leaveHandshake() {
 
 // tooManyError is a connection over max_sessions or max_handshakes.
 type tooManyError struct {
-	key    string // max_sessions | max_handshakes
+	key    string // max_sessions | max_handshakes | open-file budget
 	limit  int
 	reason string // the metric reason
 }
@@ -188,25 +205,25 @@ func (e *tooManyError) Error() string {
 	return fmt.Sprintf("sorry, too many clients already: %s %d reached", e.key, e.limit)
 }
 
-// refuseAtOnce answers a connection over max_handshakes with FATAL 53300,
+// refuseAtOnce answers a connection over max_handshakes or the open-file
+// budget (err says which) with FATAL 53300,
 // audits and counts it. The connection holds no handshake place: while
 // one of the listener's few lingering places is free, the FATAL follows
 // the client's startup packet (or a second's silence), as PostgreSQL
 // sends it; past those it is sent at once, reading nothing.
-func (s *session) refuseAtOnce() error {
+func (s *session) refuseAtOnce(err *tooManyError) error {
 	h := s.h
-	err := &tooManyError{key: "max_handshakes", limit: h.cfg.MaxHandshakes, reason: RefusedMaxHandshakes}
-	resp, reason := clientError(err)
+	resp, kind := clientError(err)
 	msg, _ := resp.Encode(nil)
 	rec := s.record(audit.EventDenied)
-	rec.Reason = reason
+	rec.Reason = kind.reason()
 	rec.Error = audit.String(resp.Message)
 	rec.SQLState = resp.Code
 	h.audit.Record(rec)
-	h.denied(reason)
+	h.denied(kind)
 	h.obs.Refused(protocolName, h.cfg.Name, err.reason)
 	if ce := s.log.Check(zap.DebugLevel, "session refused"); ce != nil {
-		ce.Write(zap.String("reason", reason), zap.String("sqlstate", resp.Code), zap.String("error", resp.Message))
+		ce.Write(zap.String("reason", kind.reason()), zap.String("sqlstate", resp.Code), zap.String("error", resp.Message))
 	}
 	conn := s.client.Conn
 	release, ok := h.limits.Linger()
@@ -269,7 +286,7 @@ func (s *session) run(ctx context.Context) error {
 
 	params["database"] = s.database
 	login := s.login
-	if h.pool != nil {
+	if h.pool != nil && s.replication == "" { // a walsender is never pooled
 		login = s.loginPooled
 	}
 	handle, up, err := login(ctx, params)
@@ -309,6 +326,10 @@ func (s *session) run(ctx context.Context) error {
 	rec.Database = s.database
 	rec.DBUser = s.dbUser
 	rec.Credential = handle.Name
+	rec.Replication = s.replication
+	if up.key != nil {
+		rec.BackendPID = int64(up.key.ProcessID) // the app's too: see CancelRegistry.issue
+	}
 	if l := handle.Lease(); l.Leased() {
 		rec.Lease = &audit.Lease{IDSHA256: l.IDHash(), TTLSecs: int64(time.Until(l.Expiry()).Seconds())}
 	}
@@ -318,9 +339,15 @@ func (s *session) run(ctx context.Context) error {
 	h.audit.Record(rec)
 	s.started = true
 	h.obs.SessionStarted(protocolName, h.cfg.Name)
-	s.log.Info("session started", zap.String("upstream", h.cfg.Upstream),
-		zap.String("database", s.database), zap.String("db_user", s.dbUser), zap.String("credential", handle.Name),
-		zap.Bool("backend_reused", s.reused))
+	fields := []zap.Field{zap.String("upstream", h.cfg.Upstream),
+		zap.String("database", s.database), zap.String("db_user", s.dbUser), zap.String("credential", handle.Name)}
+	if h.pool != nil {
+		fields = append(fields, zap.Bool("backend_reused", s.reused))
+	}
+	if s.replication != "" {
+		fields = append(fields, zap.String("replication", s.replication))
+	}
+	s.log.Info("session started", fields...)
 
 	relayed = true
 	return s.end(newRelay(s, up, handle, params).run(ctx))
@@ -348,8 +375,7 @@ func (s *session) login(ctx context.Context, params map[string]string) (*credent
 			return handle, up, nil
 		}
 		handle.Release()
-		var ue *upstreamError
-		if attempt == 0 && handle.Credential.Lease.Leased() && errors.As(err, &ue) && ue.reason == "upstream auth failed" {
+		if attempt == 0 && handle.Credential.Lease.Leased() && kindOf(err).freshCredentialMayHelp() {
 			s.log.Warn("upstream refused a leased credential; retrying with a fresh one", zap.Error(err))
 			handle.Invalidate()
 			continue
@@ -365,13 +391,14 @@ func (s *session) acquire(ctx context.Context) (*credentials.Handle, error) {
 	defer cancel()
 	handle, err := h.creds.Acquire(fctx, h.cfg.Credentials)
 	if err != nil {
-		return nil, &upstreamError{code: codeConnectionFailure, reason: "credential unavailable", msg: err.Error()}
+		// The store's errors are scrubbed when built (credentials.Error).
+		return nil, newUpstreamError(failCredential, codeConnectionFailure, err.Error(), nil)
 	}
 	for _, f := range []string{"username", "password"} {
 		if _, ok := handle.Credential.Field(f); !ok {
 			handle.Release()
-			return nil, &upstreamError{code: codeConnectionFailure, reason: "credential unavailable",
-				msg: fmt.Sprintf("credential %q unavailable: it has no field %q (fields: %v)", h.cfg.Credentials, f, handle.Credential.FieldNames())}
+			return nil, newUpstreamError(failCredential, codeConnectionFailure,
+				fmt.Sprintf("credential %q unavailable: it has no field %q (fields: %v)", h.cfg.Credentials, f, handle.Credential.FieldNames()), nil)
 		}
 	}
 	return handle, nil
@@ -391,9 +418,8 @@ func (s *session) connect(ctx context.Context, user string, password credentials
 	up, err := s.h.login(conn, user, password, params)
 	if !stop() || err != nil {
 		conn.Close()
-		if err == nil || ctx.Err() != nil {
-			err = &upstreamError{code: codeUnableToConnect, reason: "upstream timeout",
-				msg: fmt.Sprintf("upstream %s did not complete the handshake in time", s.h.cfg.Upstream), err: ctx.Err()}
+		if to := s.h.handshakeTimeout(ctx, err, "login"); to != nil {
+			err = to
 		}
 		return nil, err
 	}
@@ -429,7 +455,8 @@ func (s *session) record(event string) *audit.Record {
 // to the app (after anything already pending in out), a denied record and
 // a log line. It returns the error for the caller to return.
 func (s *session) deny(err error, out []byte) error {
-	resp, reason := clientError(err)
+	resp, kind := clientError(err)
+	reason := kind.reason()
 	out, _ = resp.Encode(out)
 	_ = s.raw.SetWriteDeadline(time.Now().Add(time.Second))
 	_, _ = s.raw.Write(out)
@@ -441,32 +468,34 @@ func (s *session) deny(err error, out []byte) error {
 	rec.Upstream = s.h.cfg.Upstream
 	rec.Database = s.database
 	rec.DBUser = s.dbUser
+	rec.Replication = s.replication
 	s.h.audit.Record(rec)
-	s.h.denied(reason)
+	s.h.denied(kind)
 	s.log.Warn("session denied", zap.String("reason", reason), zap.String("sqlstate", resp.Code), zap.String("error", resp.Message))
 	return err
 }
 
-// clientError maps a failure to the ErrorResponse the app sees and the audit
-// reason. Messages start with "credproxy: " unless the upstream's own error
+// clientError maps a failure to the ErrorResponse the app sees and its
+// kind. Messages start with "credproxy: " unless the upstream's own error
 // is being passed on.
-func clientError(err error) (*pgproto3.ErrorResponse, string) {
-	var ue *upstreamError
-	if errors.As(err, &ue) {
+func clientError(err error) (*pgproto3.ErrorResponse, failKind) {
+	var (
+		ue *upstreamError
+		tm *tooManyError
+		se *startupError
+	)
+	switch {
+	case errors.As(err, &ue):
 		if ue.resp != nil {
-			return ue.resp, ue.reason
+			return ue.resp, ue.kind
 		}
-		return fatal(ue.code, "credproxy: "+ue.Error()), ue.reason
+		return fatal(ue.code, "credproxy: "+ue.msg), ue.kind
+	case errors.As(err, &tm):
+		return fatal(codeTooManyConnections, "credproxy: "+tm.Error()), failTooMany
+	case errors.As(err, &se):
+		return fatal(se.code, "credproxy: "+se.msg), se.failKind()
 	}
-	var tm *tooManyError
-	if errors.As(err, &tm) {
-		return fatal(codeTooManyConnections, "credproxy: "+tm.Error()), "too many clients"
-	}
-	var se *startupError
-	if errors.As(err, &se) {
-		return fatal(se.code, "credproxy: "+se.msg), "bad startup"
-	}
-	return fatal(codeInternalError, "credproxy: "+err.Error()), "internal error"
+	return fatal(codeInternalError, "credproxy: "+err.Error()), failInternal
 }
 
 // end writes the session_end record and the canonical end-of-session log line.
@@ -481,19 +510,29 @@ func (s *session) end(err error) error {
 		msg = err.Error()
 	}
 	rec.Error = audit.String(msg)
-	var te *errTerminated
-	if errors.As(err, &te) {
+	var (
+		te *errTerminated
+		ue *upstreamEndError
+	)
+	switch {
+	case errors.As(err, &te):
 		rec.SQLState = te.resp.Code
+	case errors.As(err, &ue):
+		rec.SQLState = ue.sqlstate()
 	}
 	s.h.audit.Record(rec)
+	result := "ok"
+	if err != nil {
+		result = "error"
+	}
 	if s.started {
-		result := "ok"
-		if err != nil {
-			result = "error"
-		}
 		s.h.obs.SessionEnded(protocolName, s.h.cfg.Name, result, dur, *rec.BytesIn, *rec.BytesOut)
 	}
-	s.log.Info("session ended", zap.Int64("bytes_in", *rec.BytesIn), zap.Int64("bytes_out", *rec.BytesOut),
-		zap.Duration("duration", dur), zap.String("error", msg))
+	fields := []zap.Field{zap.String("result", result), zap.Int64("bytes_in", *rec.BytesIn), zap.Int64("bytes_out", *rec.BytesOut),
+		zap.Duration("duration", dur), zap.String("error", msg)}
+	if rec.SQLState != "" {
+		fields = append(fields, zap.String("sqlstate", rec.SQLState))
+	}
+	s.log.Info("session ended", fields...)
 	return err
 }

@@ -12,9 +12,10 @@ const protocolName = "postgres"
 const (
 	RefusedMaxSessions   = "max_sessions"
 	RefusedMaxHandshakes = "max_handshakes"
+	RefusedOpenFiles     = "open_files"
 )
 
-// Deny kinds: the audit reasons as metric label values.
+// Deny kinds: the metric label values of failKind (errors.go).
 const (
 	KindBadStartup            = "bad_startup"
 	KindCredentialUnavailable = "credential_unavailable"
@@ -26,32 +27,14 @@ const (
 	KindUpstreamProtocol      = "upstream_protocol"
 	KindTooManyClients        = "too_many_clients"
 	KindInternal              = "internal"
+	KindShutdown              = "shutdown"
+	KindReplicationRefused    = "replication_refused"
+	KindClientTLSRequired     = "client_tls_required"
 )
 
-var reasonKinds = map[string]string{
-	"bad startup":             KindBadStartup,
-	"credential unavailable":  KindCredentialUnavailable,
-	"upstream unreachable":    KindUpstreamUnreachable,
-	"upstream TLS failed":     KindUpstreamTLS,
-	"upstream auth failed":    KindUpstreamAuth,
-	"upstream error":          KindUpstreamError,
-	"upstream timeout":        KindUpstreamTimeout,
-	"upstream protocol error": KindUpstreamProtocol,
-	"too many clients":        KindTooManyClients,
-}
-
-func reasonKind(reason string) string {
-	if k, ok := reasonKinds[reason]; ok {
-		return k
-	}
-	return KindInternal
-}
-
-// denied counts a session refused before it started, for the audit
-// reason given. A client that sends garbage (or a TCP health check that
-// connects and closes), or one turned away over a limit, is not an
-// authentication failure worth alerting on.
-func (h *Handler) denied(reason string) {
-	kind := reasonKind(reason)
-	h.obs.Denied(protocolName, h.cfg.Name, kind, kind != KindBadStartup && kind != KindTooManyClients)
+// denied counts a session refused before it started, by the kind of its
+// failure.
+func (h *Handler) denied(kind failKind) {
+	info := kind.info()
+	h.obs.Denied(protocolName, h.cfg.Name, info.metric, info.authFailure)
 }

@@ -62,7 +62,10 @@ func (e *errUnmovable) Error() string { return e.why }
 // startMigration starts moving the session before deadline (OnRetire).
 func (r *relay) startMigration(deadline time.Time) {
 	r.mu.Lock()
-	if r.finished || r.migrating {
+	// A replication connection speaks the replication protocol, not SQL:
+	// it cannot be replayed on another backend. It ends with its
+	// credential, as a direct one ends when its role is dropped.
+	if r.finished || r.migrating || r.s.replication != "" {
 		r.mu.Unlock()
 		return
 	}

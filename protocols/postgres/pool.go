@@ -82,6 +82,9 @@ import (
 //     reset waits for any cancel already being forwarded with it, so a
 //     late cancel of one app can never reach the next app's query.
 //
+//   - Replication connections (walsenders) are never pooled: they log in
+//     and end as without a pool, outside its bound.
+//
 //   - Bounded: pool.max_server_connections counts the service's backends,
 //     idle, in use and being dialled. A session that finds none free waits
 //     up to pool.wait_timeout (FIFO) and is then refused with FATAL 53300.
@@ -99,6 +102,7 @@ const (
 	PoolClosedReset     = "reset_failed" // the reset query failed
 	PoolClosedBroken    = "broken"       // it closed or sent something while idle
 	PoolClosedShutdown  = "shutdown"     // the pool closed
+	PoolClosedBudget    = "open_files"   // no room in the open-file budget to keep it idle
 	PoolAcquireHit      = "hit"          // an idle backend served the session
 	PoolAcquireMiss     = "miss"         // a new backend was logged in
 	PoolAcquireTimeout  = "timeout"      // no backend free within wait_timeout
@@ -292,11 +296,11 @@ func (p *serverPool) get(ctx context.Context, key poolKey) (pc *pooledConn, slot
 	h.obs.PoolAcquired(protocolName, h.cfg.Name, PoolAcquireTimeout, waited, true)
 	h.obs.Refused(protocolName, h.cfg.Name, RefusedServerConns)
 	if ctx.Err() != nil {
-		return nil, false, ctx.Err()
+		return nil, false, errShutdownHandshake()
 	}
-	return nil, false, &upstreamError{code: codeTooManyConnections, reason: "too many clients",
-		msg: fmt.Sprintf("no server connection free within %s: pool.max_server_connections %d in use",
-			p.cfg.WaitTimeout.D(), p.cfg.MaxServerConnections)}
+	return nil, false, newUpstreamError(failTooMany, codeTooManyConnections,
+		fmt.Sprintf("no server connection free within %s: pool.max_server_connections %d in use",
+			p.cfg.WaitTimeout.D(), p.cfg.MaxServerConnections), nil)
 }
 
 // removeIdle takes c out of the idle list; with a reason it is counted as
@@ -304,6 +308,7 @@ func (p *serverPool) get(ctx context.Context, key poolKey) (pc *pooledConn, slot
 func (p *serverPool) removeIdle(c *pooledConn, reason string) *pooledConn {
 	p.idle.Remove(c.elem)
 	c.elem = nil
+	p.h.budget.Release()
 	if reason != "" {
 		p.h.obs.PoolClosed(protocolName, p.h.cfg.Name, reason)
 		p.total--
@@ -367,6 +372,14 @@ func (p *serverPool) put(c *pooledConn) {
 			w.ch <- poolGrant{slot: true}
 			return
 		}
+		if !h.budget.TryAcquire() {
+			// An idle backend holds a descriptor with no app connection
+			// to count it: it takes a place in the open-file budget, or
+			// is not kept.
+			reason = PoolClosedBudget
+		}
+	}
+	if reason == "" {
 		c.idleAt = time.Now()
 		c.elem = p.idle.PushBack(c)
 		h.obs.PoolConns(protocolName, h.cfg.Name, 1, -1)
@@ -585,8 +598,7 @@ func (s *session) loginPooled(ctx context.Context, params map[string]string) (*c
 			p.release("")
 		}
 		handle.Release()
-		var ue *upstreamError
-		if attempt == 0 && handle.Credential.Lease.Leased() && errors.As(err, &ue) && ue.reason == "upstream auth failed" {
+		if attempt == 0 && handle.Credential.Lease.Leased() && kindOf(err).freshCredentialMayHelp() {
 			s.log.Warn("upstream refused a leased credential; retrying with a fresh one", zap.Error(err))
 			handle.Invalidate()
 			continue

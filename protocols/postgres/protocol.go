@@ -58,9 +58,15 @@ func (p *Protocol) Build(cfg *config.Config, env proxy.Env) ([]proxy.Service, er
 		}
 		env.Logger.Debug("connection limits", zap.String("service", pc.Name),
 			zap.Int("max_sessions", eff.MaxSessions), zap.Int("max_handshakes", eff.MaxHandshakes))
+		if b := env.Budget.Max(); b > 0 && eff.MaxSessions+eff.MaxHandshakes > b {
+			env.Logger.Warn("connection limits exceed the open-file budget; connections over it are refused with 53300",
+				zap.String("service", pc.Name), zap.Int("max_sessions", eff.MaxSessions), zap.Int("max_handshakes", eff.MaxHandshakes),
+				zap.Int("budget", b), zap.Int("open_file_limit", limit.OpenFileLimit()))
+		}
 		h, err := NewHandler(Options{
 			Service:      eff,
 			Limits:       env.Limits(pc.Name, pc.Listen),
+			Budget:       env.Budget,
 			Credentials:  env.Credentials,
 			Audit:        env.Audit,
 			AuditQueries: cfg.Audit.Queries,

@@ -3,6 +3,7 @@ package postgres
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -202,9 +203,17 @@ func (r *relay) run(ctx context.Context) error {
 		s.client.Out.Add(r.out)
 	}
 
-	var te *errTerminated
+	var (
+		te *errTerminated
+		ue *upstreamEndError
+	)
 	if errors.As(firstErr, &te) {
 		return te
+	}
+	if !errors.As(firstErr, &ue) && up.scan.fatal != nil {
+		// The backend ended the session with a FATAL; the app, having read
+		// it, may have closed before the backend did.
+		return &upstreamEndError{resp: up.scan.fatal}
 	}
 	if ctx.Err() != nil && firstErr != nil {
 		return fmt.Errorf("closed by shutdown: %w", firstErr)
@@ -364,9 +373,14 @@ func (r *relay) statement(typ byte, body []byte, truncated bool) {
 	if !ok {
 		return // malformed: the upstream will refuse it
 	}
+	r.mu.Lock()
+	enc := r.shown["client_encoding"]
+	r.mu.Unlock()
 	rec := r.s.record(audit.EventQuery)
-	rec.SQL = sql
+	rec.SQL, rec.SQLBase64, rec.SQLEncoding = auditText(sql, enc, truncated)
 	rec.SQLTruncated = truncated
+	// Written before the statement goes on to the backend: a slow audit
+	// sink holds the session back (see package audit).
 	r.s.h.audit.Record(rec)
 }
 
@@ -429,10 +443,7 @@ func (r *relay) toClient() error {
 			return fmt.Errorf("backend sent an %w", serr)
 		}
 		if rerr != nil {
-			if errors.Is(rerr, io.EOF) {
-				return nil
-			}
-			return rerr
+			return r.backendEnded(up, rerr)
 		}
 		need = max(more, 1)
 
@@ -460,6 +471,54 @@ func (r *relay) isDetaching() bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.detaching
+}
+
+// backendEnded is what the backend's read error err means for the
+// session. After the app's Terminate the backend closing is the clean end.
+// Otherwise PostgreSQL ended the session (pg_terminate_backend, a fast or
+// immediate shutdown, a crash): an *upstreamEndError, with the FATAL or
+// PANIC it sent, if any. Any other read error is returned as it is.
+func (r *relay) backendEnded(up *backend, err error) error {
+	r.mu.Lock()
+	closing := r.closing
+	r.mu.Unlock()
+	switch {
+	case up.scan.fatal != nil:
+		return &upstreamEndError{resp: up.scan.fatal, err: err}
+	case closing && errors.Is(err, io.EOF):
+		return nil
+	case errors.Is(err, io.EOF):
+		return &upstreamEndError{err: err}
+	}
+	return err
+}
+
+// upstreamEndError is a session the backend ended without the app asking:
+// an abnormal end, as a direct connection's app sees one.
+type upstreamEndError struct {
+	resp *pgproto3.ErrorResponse // the FATAL or PANIC the backend sent; nil when it just closed
+	err  error                   // the read's error: io.EOF for a close
+}
+
+func (e *upstreamEndError) Error() string {
+	if e.resp != nil {
+		return fmt.Sprintf("backend ended the session: %s %s %s", e.resp.Severity, e.resp.Code, e.resp.Message)
+	}
+	if errors.Is(e.err, io.EOF) {
+		return "backend closed the connection unexpectedly"
+	}
+	return "backend closed the connection unexpectedly: " + e.err.Error()
+}
+
+func (e *upstreamEndError) Unwrap() error { return e.err }
+
+// sqlstate is the FATAL's SQLSTATE, else 08006 (connection failure), as
+// for a connection lost.
+func (e *upstreamEndError) sqlstate() string {
+	if e.resp != nil && e.resp.Code != "" {
+		return e.resp.Code
+	}
+	return codeConnectionFailure
 }
 
 // current is the backend the session talks to.
@@ -504,45 +563,37 @@ type errTerminated struct{ resp *pgproto3.ErrorResponse }
 
 func (e *errTerminated) Error() string { return e.resp.Message }
 
-// statementText extracts the SQL of a Query ('Q') or Parse ('P') body with
-// pgproto3; a truncated body (over maxAuditSQL) yields its leading text.
-func statementText(typ byte, body []byte, truncated bool) (sql string, ok bool) {
-	// The body is untrusted; pgproto3/v2's decoders index into it (Query
-	// panics on an empty body), so guard them rather than crash the relay.
-	defer func() {
-		if recover() != nil {
-			sql, ok = "", false
-		}
-	}()
-	if !truncated {
-		if len(body) == 0 {
-			return "", false
-		}
-		switch typ {
-		case 'Q':
-			var q pgproto3.Query
-			if q.Decode(body) != nil {
-				return "", false
-			}
-			return q.String, true
-		case 'P':
-			var p pgproto3.Parse
-			if p.Decode(body) != nil {
-				return "", false
-			}
-			return p.Query, true
-		}
-		return "", false
-	}
+// statementText extracts the SQL of a Query ('Q') or Parse ('P') body,
+// as the bytes the app sent; a truncated body (over maxAuditSQL) yields
+// its leading text. It refers to body.
+func statementText(typ byte, body []byte, truncated bool) (sql []byte, ok bool) {
 	if typ == 'P' { // skip the statement name
 		i := bytes.IndexByte(body, 0)
 		if i < 0 {
-			return "", false
+			return nil, false
 		}
 		body = body[i+1:]
+	} else if typ != 'Q' {
+		return nil, false
 	}
-	if i := bytes.IndexByte(body, 0); i >= 0 {
-		body = body[:i]
+	i := bytes.IndexByte(body, 0)
+	switch {
+	case i >= 0 && !truncated && !wellFormedTail(typ, body[i+1:]):
+		return nil, false // PostgreSQL refuses the message
+	case i >= 0:
+		return body[:i], true
+	case truncated:
+		return body, true
 	}
-	return string(body), true
+	return nil, false // not terminated: malformed
+}
+
+// wellFormedTail reports whether what follows a statement's text is what
+// PostgreSQL expects there: nothing after a Query's; a Parse's parameter
+// type count and that many OIDs.
+func wellFormedTail(typ byte, rest []byte) bool {
+	if typ == 'Q' {
+		return len(rest) == 0
+	}
+	return len(rest) >= 2 && len(rest) == 2+4*int(binary.BigEndian.Uint16(rest))
 }

@@ -9,12 +9,14 @@ import (
 	"io"
 	"net"
 	"os"
+	"strings"
 
 	"go.uber.org/zap"
 )
 
 // startupError is a problem with what the app sent before authentication.
 type startupError struct {
+	kind failKind // failBadStartup unless set
 	code string
 	msg  string
 	err  error
@@ -28,6 +30,14 @@ func (e *startupError) Error() string {
 }
 
 func (e *startupError) Unwrap() error { return e.err }
+
+// failKind is the error's kind: bad startup unless it says otherwise.
+func (e *startupError) failKind() failKind {
+	if e.kind == failInternal {
+		return failBadStartup
+	}
+	return e.kind
+}
 
 // readStartup reads packets until a StartupMessage, answering SSLRequest and
 // GSSENCRequest on the way and serving a CancelRequest. It returns the
@@ -86,9 +96,39 @@ func (s *session) readStartup(ctx context.Context) (params map[string]string, ou
 			}
 			s.database = s.chooseDatabase(params)
 			delete(params, "password")
+			if h.cfg.ClientTLS != nil && h.cfg.ClientTLS.Required && !tlsDone {
+				// As PostgreSQL refuses a plaintext connection that only a
+				// hostssl line of pg_hba.conf would admit.
+				return nil, nil, s.deny(&startupError{kind: failClientTLS, code: codeInvalidAuthorization,
+					msg: fmt.Sprintf("no encryption: service %q requires TLS from the app (client_tls.required); connect with sslmode=require or stricter", h.cfg.Name)}, nil)
+			}
+			s.replication = replicationMode(params["replication"])
+			if s.replication != "" && !h.cfg.AllowReplication {
+				// As PostgreSQL refuses a walsender to a role without
+				// REPLICATION.
+				return nil, nil, s.deny(&startupError{kind: failReplication, code: codeInsufficientPrivilege,
+					msg: fmt.Sprintf("replication connection refused: service %q does not set allow_replication", h.cfg.Name)}, nil)
+			}
 			return params, out, nil
 		}
 	}
+}
+
+// replicationMode reads the replication startup parameter as PostgreSQL
+// does: "physical" for true/on/yes/1 (a walsender for physical streaming,
+// pg_basebackup), "logical" for database (logical decoding), "" for
+// false/off/no/0 or absent. A value PostgreSQL would reject counts as a
+// replication request, so that it is refused unless allowed.
+func replicationMode(v string) string {
+	switch strings.ToLower(v) {
+	case "", "false", "off", "no", "0":
+		return ""
+	case "database":
+		return "logical"
+	case "true", "on", "yes", "1":
+		return "physical"
+	}
+	return "invalid"
 }
 
 // chooseDatabase applies the service's pinned database; otherwise the app's

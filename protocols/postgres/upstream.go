@@ -104,8 +104,12 @@ func (h *Handler) dialUpstream(ctx context.Context) (net.Conn, error) {
 	d := net.Dialer{KeepAlive: h.keepAlive}
 	conn, err := d.DialContext(ctx, "tcp", h.cfg.Upstream)
 	if err != nil {
-		return nil, &upstreamError{code: codeUnableToConnect, reason: "upstream unreachable",
-			msg: fmt.Sprintf("upstream %s unreachable", h.cfg.Upstream), err: err}
+		if errors.Is(ctx.Err(), context.Canceled) {
+			return nil, errShutdownHandshake()
+		}
+		// A dial that times out is reported as unreachable: nothing
+		// accepted the connection, whatever the reason.
+		return nil, newUpstreamError(failUnreachable, codeUnableToConnect, fmt.Sprintf("upstream %s unreachable", h.cfg.Upstream), err)
 	}
 	if h.tls == nil {
 		return conn, nil
@@ -125,8 +129,8 @@ func (h *Handler) dialUpstream(ctx context.Context) (net.Conn, error) {
 	}
 	if b[0] != 'S' {
 		conn.Close()
-		return nil, &upstreamError{code: codeUnableToConnect, reason: "upstream TLS failed",
-			msg: fmt.Sprintf("upstream %s does not accept TLS (tls.mode %s); not sending the credential in cleartext", h.cfg.Upstream, h.tlsMode())}
+		return nil, newUpstreamError(failTLS, codeUnableToConnect,
+			fmt.Sprintf("upstream %s does not accept TLS (tls.mode %s); not sending the credential in cleartext", h.cfg.Upstream, h.tlsMode()), nil)
 	}
 	tc := tls.Client(conn, h.tls)
 	if err := tc.HandshakeContext(ctx); err != nil {
@@ -143,33 +147,41 @@ func (h *Handler) tlsMode() string {
 	return h.cfg.TLS.Mode
 }
 
+// tlsError is a failure of the SSLRequest exchange or the TLS handshake.
+// The upstream running out of time is a timeout, whichever of the
+// connection deadline and the context noticed first.
 func (h *Handler) tlsError(ctx context.Context, err error) error {
-	if ctx.Err() != nil {
-		err = ctx.Err()
+	if to := h.handshakeTimeout(ctx, err, "TLS handshake"); to != nil {
+		return to
 	}
-	return &upstreamError{code: codeUnableToConnect, reason: "upstream TLS failed",
-		msg: fmt.Sprintf("upstream %s TLS handshake failed (tls.mode %s)", h.cfg.Upstream, h.tlsMode()), err: err}
+	return newUpstreamError(failTLS, codeUnableToConnect, fmt.Sprintf("upstream %s TLS handshake failed (tls.mode %s)", h.cfg.Upstream, h.tlsMode()), err)
 }
 
-// upstreamError is a failure to reach or log in to the upstream, carrying
-// what the client is told. msg and err never contain a secret.
-type upstreamError struct {
-	code   string // SQLSTATE for the client
-	reason string // short fixed kind for the audit "reason"
-	msg    string
-	err    error
-	// resp is an ErrorResponse from the upstream to pass on unchanged.
-	resp *pgproto3.ErrorResponse
-}
-
-func (e *upstreamError) Error() string {
-	if e.err != nil {
-		return e.msg + ": " + e.err.Error()
+// handshakeTimeout returns the error for a handshake step (after the TCP
+// connection is up) that ended because its time ran out or credproxy is
+// shutting down, or nil when err has another cause. A step is bounded
+// both by the connection's deadline and by ctx, which closes the
+// connection when it ends: whichever fires first, a read sees
+// os.ErrDeadlineExceeded, a context error or net.ErrClosed. One cause,
+// reported one way: kind timeout (or shutdown), never a protocol or TLS
+// error. err is nil when the step succeeded but ctx ended just after.
+func (h *Handler) handshakeTimeout(ctx context.Context, err error, step string) error {
+	cut := isTimeout(err) || errors.Is(err, context.Canceled) ||
+		(ctx.Err() != nil && (err == nil || errors.Is(err, net.ErrClosed)))
+	switch {
+	case !cut:
+		return nil
+	case errors.Is(ctx.Err(), context.Canceled) || errors.Is(err, context.Canceled):
+		return errShutdownHandshake()
 	}
-	return e.msg
+	return newUpstreamError(failTimeout, codeUnableToConnect,
+		fmt.Sprintf("upstream %s did not complete the %s within connect_timeout %s", h.cfg.Upstream, step, h.cfg.ConnectTimeout.D()), nil)
 }
 
-func (e *upstreamError) Unwrap() error { return e.err }
+// errShutdownHandshake ends a handshake that credproxy's shutdown cut short.
+func errShutdownHandshake() error {
+	return newUpstreamError(failShutdown, codeAdminShutdown, "terminating connection because credproxy is shutting down", nil)
+}
 
 // upstream is an authenticated upstream session, up to ReadyForQuery.
 type upstream struct {
@@ -212,8 +224,8 @@ func (h *Handler) login(conn net.Conn, user string, password credentials.Secret,
 		case *pgproto3.AuthenticationSASL:
 			err = h.scramSHA256(fe, m.AuthMechanisms, user, password)
 		case *pgproto3.AuthenticationGSS, *pgproto3.AuthenticationGSSContinue:
-			return nil, &upstreamError{code: codeInvalidAuthorization, reason: "upstream auth failed",
-				msg: fmt.Sprintf("upstream %s requested GSSAPI/SSPI authentication, which credproxy does not support", h.cfg.Upstream)}
+			return nil, newUpstreamError(failAuth, codeInvalidAuthorization,
+				fmt.Sprintf("upstream %s requested GSSAPI/SSPI authentication, which credproxy does not support", h.cfg.Upstream), nil)
 		case *pgproto3.ParameterStatus:
 			up.params = append(up.params, &pgproto3.ParameterStatus{Name: m.Name, Value: m.Value})
 		case *pgproto3.NoticeResponse:
@@ -228,7 +240,7 @@ func (h *Handler) login(conn net.Conn, user string, password credentials.Secret,
 			up.txStatus = m.TxStatus
 			return up, nil
 		case *pgproto3.ErrorResponse:
-			return nil, h.upstreamRejected(m)
+			return nil, h.upstreamRejected(m, password)
 		default:
 			return nil, h.protoError("handshake", fmt.Errorf("unexpected %T", msg))
 		}
@@ -242,19 +254,26 @@ func (h *Handler) login(conn net.Conn, user string, password credentials.Secret,
 // the error the client sees: auth failures (class 28) say the injected
 // credential was refused; anything else (no such database, too many
 // connections, starting up) is passed on as the upstream said it.
-func (h *Handler) upstreamRejected(m *pgproto3.ErrorResponse) error {
-	resp := *m
+//
+// What the upstream says is scrubbed of the password: a hostile upstream
+// that was sent it must not make credproxy show it to the app.
+func (h *Handler) upstreamRejected(m *pgproto3.ErrorResponse, password credentials.Secret) error {
 	if strings.HasPrefix(m.Code, "28") { // invalid authorization / password
-		return &upstreamError{code: m.Code, reason: "upstream auth failed",
-			msg: fmt.Sprintf("upstream rejected the injected credential %q (upstream said: %s)", h.cfg.Credentials, m.Message)}
+		return newUpstreamError(failAuth, m.Code,
+			fmt.Sprintf("upstream rejected the injected credential %q (upstream said: %s)", h.cfg.Credentials, m.Message), nil, password.Reveal())
 	}
+	resp := *m
 	resp.Severity, resp.SeverityUnlocalized = "FATAL", "FATAL"
-	return &upstreamError{code: m.Code, reason: "upstream error", msg: "upstream: " + m.Message, resp: &resp}
+	for _, f := range []*string{&resp.Message, &resp.Detail, &resp.Hint, &resp.Where} {
+		*f = scrub(*f, password.Reveal())
+	}
+	e := newUpstreamError(failRefused, m.Code, "upstream: "+resp.Message, nil)
+	e.resp = &resp
+	return e
 }
 
 func (h *Handler) protoError(op string, err error) error {
-	return &upstreamError{code: codeUnableToConnect, reason: "upstream protocol error",
-		msg: fmt.Sprintf("upstream %s handshake failed (%s)", h.cfg.Upstream, op), err: err}
+	return newUpstreamError(failProtocol, codeUnableToConnect, fmt.Sprintf("upstream %s handshake failed (%s)", h.cfg.Upstream, op), err)
 }
 
 // md5Password is PostgreSQL's MD5 response: "md5" + md5(md5(password+user) + salt).
@@ -270,17 +289,17 @@ func md5Password(user, password string, salt [4]byte) string {
 // verified, so an upstream that does not know the password cannot pass.
 func (h *Handler) scramSHA256(fe *backendConn, mechs []string, user string, password credentials.Secret) error {
 	if !contains(mechs, "SCRAM-SHA-256") {
-		return &upstreamError{code: codeInvalidAuthorization, reason: "upstream auth failed",
-			msg: fmt.Sprintf("upstream %s offered SASL mechanisms %v; credproxy supports SCRAM-SHA-256 only", h.cfg.Upstream, mechs)}
+		return newUpstreamError(failAuth, codeInvalidAuthorization,
+			fmt.Sprintf("upstream %s offered SASL mechanisms %v; credproxy supports SCRAM-SHA-256 only", h.cfg.Upstream, mechs), nil)
 	}
 	client, err := h.scram.client(user, password)
 	if err != nil {
-		return &upstreamError{code: codeInvalidAuthorization, reason: "upstream auth failed", msg: "prepare SCRAM", err: err}
+		return newUpstreamError(failAuth, codeInvalidAuthorization, "prepare SCRAM", err, password.Reveal())
 	}
 	conv := client.NewConversation()
 	first, err := conv.Step("")
 	if err != nil {
-		return &upstreamError{code: codeInvalidAuthorization, reason: "upstream auth failed", msg: "SCRAM", err: err}
+		return newUpstreamError(failAuth, codeInvalidAuthorization, "SCRAM", err, password.Reveal())
 	}
 	if err := fe.Send(&pgproto3.SASLInitialResponse{AuthMechanism: "SCRAM-SHA-256", Data: []byte(first)}); err != nil {
 		return h.protoError("send SASL", err)
@@ -297,14 +316,13 @@ func (h *Handler) scramSHA256(fe *backendConn, mechs []string, user string, pass
 		case *pgproto3.AuthenticationSASLFinal:
 			challenge = m.Data
 		case *pgproto3.ErrorResponse:
-			return h.upstreamRejected(m)
+			return h.upstreamRejected(m, password)
 		default:
 			return h.protoError("SASL", fmt.Errorf("unexpected %T", msg))
 		}
 		resp, err := conv.Step(string(challenge))
 		if err != nil {
-			return &upstreamError{code: codeInvalidAuthorization, reason: "upstream auth failed",
-				msg: fmt.Sprintf("upstream %s failed SCRAM verification", h.cfg.Upstream), err: err}
+			return newUpstreamError(failAuth, codeInvalidAuthorization, fmt.Sprintf("upstream %s failed SCRAM verification", h.cfg.Upstream), err, password.Reveal())
 		}
 		if conv.Done() {
 			break
@@ -314,8 +332,7 @@ func (h *Handler) scramSHA256(fe *backendConn, mechs []string, user string, pass
 		}
 	}
 	if !conv.Valid() {
-		return &upstreamError{code: codeInvalidAuthorization, reason: "upstream auth failed",
-			msg: fmt.Sprintf("upstream %s sent an invalid SCRAM server signature", h.cfg.Upstream)}
+		return newUpstreamError(failAuth, codeInvalidAuthorization, fmt.Sprintf("upstream %s sent an invalid SCRAM server signature", h.cfg.Upstream), nil)
 	}
 	return nil
 }

@@ -29,15 +29,16 @@ const maxHandshakeMessage = 1 << 20
 
 // SQLSTATEs credproxy itself reports.
 const (
-	codeProtocolViolation    = "08P01"
-	codeFeatureNotSupported  = "0A000"
-	codeConnectionFailure    = "08006"
-	codeUnableToConnect      = "08001"
-	codeInvalidAuthorization = "28000"
-	codeInvalidPassword      = "28P01"
-	codeAdminShutdown        = "57P01"
-	codeTooManyConnections   = "53300"
-	codeInternalError        = "XX000"
+	codeProtocolViolation     = "08P01"
+	codeFeatureNotSupported   = "0A000"
+	codeConnectionFailure     = "08006"
+	codeUnableToConnect       = "08001"
+	codeInvalidAuthorization  = "28000"
+	codeInvalidPassword       = "28P01"
+	codeInsufficientPrivilege = "42501"
+	codeAdminShutdown         = "57P01"
+	codeTooManyConnections    = "53300"
+	codeInternalError         = "XX000"
 )
 
 // errBadStartup marks a first packet that is not a PostgreSQL startup packet.

@@ -154,10 +154,10 @@ func TestStatementText(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			var got string
+			var b []byte
 			var ok bool
-			noPanic(t, "statementText", func() { got, ok = statementText(tc.typ, tc.body, tc.truncated) })
-			if got != tc.want || ok != tc.wantOK {
+			noPanic(t, "statementText", func() { b, ok = statementText(tc.typ, tc.body, tc.truncated) })
+			if got := string(b); got != tc.want || ok != tc.wantOK {
 				t.Errorf("statementText = %q, %v; want %q, %v", got, ok, tc.want, tc.wantOK)
 			}
 		})
@@ -183,15 +183,15 @@ func TestCappedReader(t *testing.T) {
 
 func TestClientError(t *testing.T) {
 	errs := []error{
-		&upstreamError{code: "28P01", reason: "upstream auth failed", msg: "upstream rejected the injected credential"},
+		newUpstreamError(failAuth, "28P01", "upstream rejected the injected credential", nil),
 		&startupError{code: "08P01", msg: "invalid startup packet", err: errBadStartup},
-		fmt.Errorf("wrapped: %w", &upstreamError{code: "08001", reason: "upstream unreachable", msg: "upstream x unreachable", err: io.EOF}),
+		fmt.Errorf("wrapped: %w", newUpstreamError(failUnreachable, "08001", "upstream x unreachable", io.EOF)),
 		errors.New("something else"),
 	}
 	for _, err := range errs {
-		resp, reason := clientError(err)
-		if resp.Severity != "FATAL" || resp.Code == "" || reason == "" {
-			t.Errorf("clientError(%v) = %+v, %q", err, resp, reason)
+		resp, kind := clientError(err)
+		if resp.Severity != "FATAL" || resp.Code == "" || kind.reason() == "" {
+			t.Errorf("clientError(%v) = %+v, %q", err, resp, kind.reason())
 		}
 		if !strings.HasPrefix(resp.Message, "credproxy: ") {
 			t.Errorf("message %q does not start with credproxy:", resp.Message)

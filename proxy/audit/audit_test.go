@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"strings"
 	"sync"
@@ -471,4 +472,201 @@ func TestOpenStdout(t *testing.T) {
 func TestDiscard(t *testing.T) {
 	var s Sink = Discard{}
 	s.Record(base(EventQuery))
+}
+
+// encodeOne is what encoding/json writes for s without HTML escaping.
+func encodeOne(t *testing.T, s string) []byte {
+	t.Helper()
+	var b bytes.Buffer
+	enc := json.NewEncoder(&b)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(s); err != nil {
+		t.Fatal(err)
+	}
+	return bytes.TrimSuffix(b.Bytes(), []byte("\n"))
+}
+
+// jsonLen agrees with encoding/json on every kind of byte: the cap is on
+// what is written, so the count must be exact.
+func TestJSONLen(t *testing.T) {
+	var all strings.Builder
+	for b := 0; b < 0x80; b++ {
+		all.WriteByte(byte(b))
+	}
+	for _, s := range []string{"", "select 1", all.String(), "<>&", "\u2028\u2029", "é€😀", "caf\xe9", "\xff\xfe\x80", "a\x00b\x1fc\x7f"} {
+		if got, want := jsonLen(s), len(encodeOne(t, s)); got != want {
+			t.Errorf("jsonLen(%q) = %d, encoding/json writes %d", s, got, want)
+		}
+	}
+}
+
+// Issue 13 item 1: a statement of characters JSON escapes (HTML's <, >
+// and &; control characters) cannot inflate its audit line. Before,
+// json.Marshal wrote 10 MB of '<' as 60 MB of \u003c.
+func TestRecordBoundedAsEncoded(t *testing.T) {
+	tests := []struct {
+		name    string
+		sql     string
+		cut     bool
+		maxLine int
+	}{
+		{"angle brackets kept as they are", strings.Repeat("<", 1000), false, 1000 + 512},
+		{"10 MB of <", strings.Repeat("<", 10<<20), true, MaxSQLBytes + 512},
+		{"control characters", strings.Repeat("\x01", 1<<20), true, MaxSQLBytes + 512},
+		{"line separators", strings.Repeat("\u2028", 1<<19), true, MaxSQLBytes + 512},
+		{"exactly at the limit", strings.Repeat("a", MaxSQLBytes-2), false, MaxSQLBytes + 512},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var out bytes.Buffer
+			w := NewWriter(&out)
+			r := base(EventQuery)
+			r.SQL = tc.sql
+			w.Record(r)
+			if r.SQL != tc.sql || r.SQLTruncated {
+				t.Errorf("Record modified its argument")
+			}
+			if out.Len() > tc.maxLine {
+				t.Errorf("line of %d bytes, want at most %d", out.Len(), tc.maxLine)
+			}
+			var got Record
+			if err := json.Unmarshal(out.Bytes(), &got); err != nil {
+				t.Fatalf("line is not JSON: %v", err)
+			}
+			if got.SQLTruncated != tc.cut {
+				t.Errorf("sql_truncated = %v, want %v", got.SQLTruncated, tc.cut)
+			}
+			if !strings.HasPrefix(tc.sql, got.SQL) || (!tc.cut && got.SQL != tc.sql) {
+				t.Errorf("sql is not the statement's start (%d of %d bytes)", len(got.SQL), len(tc.sql))
+			}
+			if tc.cut && jsonLen(got.SQL) < MaxSQLBytes-6 {
+				t.Errorf("cut to %d encoded bytes, want close to %d", jsonLen(got.SQL), MaxSQLBytes)
+			}
+			if strings.Contains(tc.sql, "<") && !bytes.Contains(out.Bytes(), []byte("<<<")) {
+				t.Errorf("< was escaped")
+			}
+		})
+	}
+}
+
+// Every other text field is bounded too, and base64 is cut in whole
+// quanta so what is kept still decodes.
+func TestRecordOtherFieldsBounded(t *testing.T) {
+	var out bytes.Buffer
+	w := NewWriter(&out)
+	r := base(EventQuery)
+	r.SQLBase64 = strings.Repeat("QUJD", MaxSQLBytes)
+	r.Error = String(strings.Repeat("\x02", 1<<20))
+	r.Path = strings.Repeat("/", 1<<20)
+	w.Record(r)
+	if out.Len() > MaxSQLBytes+4*maxFieldBytes {
+		t.Errorf("line of %d bytes", out.Len())
+	}
+	var got Record
+	if err := json.Unmarshal(out.Bytes(), &got); err != nil {
+		t.Fatal(err)
+	}
+	if len(got.SQLBase64)%4 != 0 || !got.SQLTruncated {
+		t.Errorf("sql_base64 of %d bytes, truncated %v", len(got.SQLBase64), got.SQLTruncated)
+	}
+	if !strings.HasSuffix(deref(got.Error), "…") {
+		t.Errorf("a cut error does not say so")
+	}
+}
+
+func deref(s *string) string {
+	if s == nil {
+		return ""
+	}
+	return *s
+}
+
+// blockingWriter holds every Write until release is closed.
+type blockingWriter struct {
+	release chan struct{}
+	mu      sync.Mutex
+	n       int
+}
+
+func (b *blockingWriter) Write(p []byte) (int, error) {
+	<-b.release
+	b.mu.Lock()
+	b.n++
+	b.mu.Unlock()
+	return len(p), nil
+}
+
+// A sink slower than the records holds them back (Waiting counts them),
+// drops none, and writes them all once it catches up.
+func TestSlowSinkBlocksAndDropsNothing(t *testing.T) {
+	bw := &blockingWriter{release: make(chan struct{})}
+	w := NewWriter(bw)
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := base(EventQuery)
+			r.SQL = strings.Repeat("x", 1<<16)
+			w.Record(r)
+		}()
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for w.Waiting() != 7 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if n := w.Waiting(); n != 7 {
+		t.Errorf("Waiting() = %d with one record being written and 7 more handed over, want 7", n)
+	}
+	close(bw.release)
+	wg.Wait()
+	if bw.n != 8 || w.Waiting() != 0 {
+		t.Errorf("%d records written, %d waiting; want 8 and 0", bw.n, w.Waiting())
+	}
+}
+
+// Writing a record allocates in proportion to the bounded line, not to
+// the statement handed in: a 10 MB statement of '<' once cost ~130 MB of
+// allocations (json.Marshal's escaped copy, its buffer's growth, the
+// appended newline).
+func TestRecordMemoryBounded(t *testing.T) {
+	w := NewWriter(io.Discard)
+	r := base(EventQuery)
+	r.SQL = strings.Repeat("<", 10<<20)
+	w.Record(r) // the buffer reaches its size once
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	for range 4 {
+		w.Record(r)
+	}
+	runtime.ReadMemStats(&after)
+	if perRecord := (after.TotalAlloc - before.TotalAlloc) / 4; perRecord > 64<<10 {
+		t.Errorf("%d bytes allocated per record, want the reused buffer only", perRecord)
+	}
+}
+
+// writeJSONString must write exactly what encoding/json writes (without
+// HTML escaping), and jsonLen must count it.
+func FuzzWriteJSONString(f *testing.F) {
+	for _, s := range []string{"", "select 1", "<&>", "\"\\\b\f\n\r\t\x00\x1f\x7f", "caf\xe9", "\u2028\u2029é€😀", "\xff\xfe"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		var want bytes.Buffer
+		enc := json.NewEncoder(&want)
+		enc.SetEscapeHTML(false)
+		if err := enc.Encode(s); err != nil {
+			t.Fatal(err)
+		}
+		var got bytes.Buffer
+		writeJSONString(&got, s)
+		got.WriteByte('\n')
+		if got.String() != want.String() {
+			t.Errorf("writeJSONString(%q) = %s, encoding/json %s", s, got.String(), want.String())
+		}
+		if n := jsonLen(s); n != want.Len()-1 {
+			t.Errorf("jsonLen(%q) = %d, encoded %d", s, n, want.Len()-1)
+		}
+	})
 }

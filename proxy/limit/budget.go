@@ -35,3 +35,45 @@ func PostgresDefaults(share int) (sessions, handshakes int) {
 // fallback is the open-file limit assumed when it cannot be read: the
 // common soft default.
 const fallback = 1024
+
+// Budget counts the app connections of the whole process against its
+// open-file limit, whatever each listener's own limits say: with
+// max_sessions or max_handshakes set higher than the descriptors allow,
+// a connection over the budget is still refused (Postgres: FATAL 53300)
+// rather than left unanswered when accept or the upstream dial runs out
+// of descriptors, and the reserve stays free for the admin server. Each
+// app connection counts once for the two descriptors it may hold.
+type Budget struct {
+	n   Counter
+	max int
+}
+
+// NewBudget returns the budget for an open-file limit of nofile: the
+// descriptors left after the reserve, two per connection.
+func NewBudget(nofile int) *Budget {
+	return &Budget{max: max((nofile-reserve(nofile))/2, minShare)}
+}
+
+// TryAcquire takes a place for one app connection, if one is left. A nil
+// Budget has no ceiling.
+func (b *Budget) TryAcquire() bool {
+	if b == nil {
+		return true
+	}
+	return b.n.TryAcquire(b.max)
+}
+
+// Release gives back a place taken by TryAcquire.
+func (b *Budget) Release() {
+	if b != nil {
+		b.n.Release()
+	}
+}
+
+// Max is how many app connections the budget allows.
+func (b *Budget) Max() int {
+	if b == nil {
+		return 0
+	}
+	return b.max
+}

@@ -95,3 +95,27 @@ func TestRefuseIsReadNotReset(t *testing.T) {
 	}
 	<-done
 }
+
+func TestBudget(t *testing.T) {
+	b := NewBudget(256) // reserve 160: 96 descriptors, 48 connections
+	if b.Max() != 48 {
+		t.Fatalf("Max = %d, want 48", b.Max())
+	}
+	for i := range 48 {
+		if !b.TryAcquire() {
+			t.Fatalf("place %d refused", i)
+		}
+	}
+	if b.TryAcquire() {
+		t.Fatal("a place over the budget was given")
+	}
+	b.Release()
+	if !b.TryAcquire() {
+		t.Fatal("a released place was not given again")
+	}
+	var none *Budget
+	if !none.TryAcquire() || none.Max() != 0 {
+		t.Error("a nil Budget must have no ceiling")
+	}
+	none.Release()
+}
