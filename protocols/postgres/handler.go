@@ -145,6 +145,7 @@ type session struct {
 	// poolSlot: the session's backend holds a place in the pool; reused:
 	// it came from the pool.
 	poolSlot, reused bool
+	poolCred         *credentials.Credential // the credential it got from the pool's view
 }
 
 // ServeConn serves one app connection until it ends, and closes it. It

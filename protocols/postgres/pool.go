@@ -303,6 +303,26 @@ func (p *serverPool) get(ctx context.Context, key poolKey) (pc *pooledConn, slot
 			p.cfg.WaitTimeout.D(), p.cfg.MaxServerConnections), nil)
 }
 
+// moved notes that credential to replaced from (a session migrated), if
+// from is the newest the pool knows: idle backends of other credentials
+// are closed, as get does when it sees a new one.
+func (p *serverPool) moved(from, to *credentials.Credential) {
+	var doomed []*pooledConn
+	p.mu.Lock()
+	if p.lastCred == from {
+		p.lastCred = to
+		for e := p.idle.Front(); e != nil; {
+			next := e.Next()
+			if c := e.Value.(*pooledConn); c.key.cred != to {
+				doomed = append(doomed, p.removeIdle(c, PoolClosedStale))
+			}
+			e = next
+		}
+	}
+	p.mu.Unlock()
+	p.closeAll(doomed)
+}
+
 // removeIdle takes c out of the idle list; with a reason it is counted as
 // closed and its place freed (the caller closes it). p.mu is held.
 func (p *serverPool) removeIdle(c *pooledConn, reason string) *pooledConn {
@@ -571,6 +591,7 @@ func (s *session) loginPooled(ctx context.Context, params map[string]string) (*c
 			handle.Release()
 			return nil, nil, err
 		}
+		s.poolCred = handle.Credential
 		if pc != nil {
 			handle.Release() // the backend's own handle, on the same credential, serves
 			s.dbUser = pc.user
@@ -697,6 +718,11 @@ func (r *relay) recycle(ctx context.Context, up *backend) bool {
 		next.params = append(next.params, &pgproto3.ParameterStatus{Name: name, Value: params[name]})
 	}
 	key := poolKey{cred: up.handle.Credential, params: startupKey(r.params)}
+	if key.cred != s.poolCred {
+		// The session migrated: its backend's credential replaced the one
+		// it started with.
+		p.moved(s.poolCred, key.cred)
+	}
 	p.put(&pooledConn{up: next, handle: up.handle, user: up.user, key: key})
 	return true
 }
