@@ -277,3 +277,52 @@ func TestCancelGate(t *testing.T) {
 		t.Error("a cancel with a voided key was forwarded")
 	}
 }
+
+// TestPoolStaleCredential checks that idle backends of a credential the
+// pool has seen replaced are closed and never handed out, and that a
+// migrated session's backend is kept under its new credential.
+func TestPoolStaleCredential(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newPoolFixture(t, poolCfg(4, time.Hour, time.Hour, time.Second))
+		params := startupKey(map[string]string{"database": "app"})
+		credA, credB := &credentials.Credential{}, &credentials.Credential{}
+		keyA, keyB := poolKey{cred: credA, params: params}, poolKey{cred: credB, params: params}
+
+		_, _, _ = f.pool.get(t.Context(), keyA)
+		_, _, _ = f.pool.get(t.Context(), keyA)
+		a1, a1Closed := f.backend(keyA, time.Now())
+		f.pool.put(a1)
+		// A session on B: A's idle backend goes.
+		if pc, slot, _ := f.pool.get(t.Context(), keyB); pc != nil || !slot {
+			t.Fatalf("get on a new credential: %v, %v; want a place to log in", pc, slot)
+		}
+		synctest.Wait()
+		if !a1Closed.Load() {
+			t.Error("an idle backend of the replaced credential is still open")
+		}
+		// A session that started on A ends on A: its backend is not kept.
+		a2, a2Closed := f.backend(keyA, time.Now())
+		f.pool.put(a2)
+		synctest.Wait()
+		if !a2Closed.Load() || f.pool.idle.Len() != 0 {
+			t.Error("a backend of the replaced credential was kept")
+		}
+		// The session on B migrated to C: its backend is kept under C.
+		credC := &credentials.Credential{}
+		keyC := poolKey{cred: credC, params: params}
+		f.pool.moved(credB, credC)
+		c1, c1Closed := f.backend(keyC, time.Now())
+		f.pool.put(c1)
+		synctest.Wait()
+		if c1Closed.Load() {
+			t.Fatal("a migrated session's backend on the newest credential was closed")
+		}
+		if pc, _, _ := f.pool.get(t.Context(), keyC); pc != c1 {
+			t.Errorf("get on C: %v, want the migrated session's backend", pc)
+		}
+		if f.pool.total != 1 {
+			t.Errorf("%d places taken, want 1 (the backend in use)", f.pool.total)
+		}
+		f.pool.put(c1) // for the pool's close to end it
+	})
+}
