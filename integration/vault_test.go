@@ -516,9 +516,19 @@ func TestVaultAuth(t *testing.T) {
 		if logins := v.responses(t, "update", "auth/"+auth.Mount+"/login", true); logins < 2 {
 			t.Errorf("%d AppRole logins, want 2 (start, and after the 403)", logins)
 		}
-		if v.refused(t, "read", db.CredsPath()) < 1 {
-			t.Errorf("no refused creds read in Vault's audit log: the 403 path was not taken")
+		// Which request meets the 403 first depends on timing: the creds
+		// read for the next session, the old lease's revocation, or the
+		// token's renewal. Any of them leads to the one new login.
+		refused := map[string]int{}
+		for _, e := range v.auditEntries(t) {
+			if e.Error != "" {
+				refused[e.Request.Operation+" "+e.Request.Path]++
+			}
 		}
+		if len(refused) == 0 {
+			t.Errorf("no refused request in Vault's audit log: the 403 path was not taken")
+		}
+		t.Logf("refused by Vault after the revocation: %v", refused)
 	})
 
 	t.Run("token file rewritten", func(t *testing.T) {

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"slices"
 	"strconv"
 	"time"
 
@@ -35,6 +36,8 @@ type Metrics struct {
 	refused          *prometheus.CounterVec
 	timeouts         *prometheus.CounterVec
 	pool             *poolMetrics
+
+	names []string // every credproxy_* family, for Names
 }
 
 // NewMetrics registers every metric, with the Go and process collectors, on
@@ -42,7 +45,8 @@ type Metrics struct {
 func NewMetrics() *Metrics {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	f := factory{reg}
+	var names []string
+	f := factory{reg, &names}
 	latency := []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}
 	m := &Metrics{
 		Registry:         reg,
@@ -69,7 +73,17 @@ func NewMetrics() *Metrics {
 		timeouts: f.counter("timeouts_total", "Requests ended by a timeout, by kind (body_read).", "protocol", "service", "kind"),
 		pool:     newPoolMetrics(f, latency),
 	}
+	m.names = names
 	return m
+}
+
+// Names lists every credproxy_* metric family this build can export,
+// whether or not a series exists yet: the names deploy/monitoring must
+// know (a test checks metrics.txt against it).
+func (m *Metrics) Names() []string {
+	names := append([]string{"credproxy_ready", "credproxy_audit_waiting_records"}, m.names...)
+	slices.Sort(names)
+	return names
 }
 
 // registerReady adds credproxy_ready, computed at each scrape from the same
@@ -95,21 +109,34 @@ func (m *Metrics) registerAuditWaiting(waiting func() int) {
 	}, func() float64 { return float64(waiting()) }))
 }
 
-type factory struct{ reg *prometheus.Registry }
+// factory registers credproxy's metrics and notes their names.
+type factory struct {
+	reg   *prometheus.Registry
+	names *[]string
+}
+
+func (f factory) note(name string) {
+	if f.names != nil {
+		*f.names = append(*f.names, "credproxy_"+name)
+	}
+}
 
 func (f factory) gauge(name, help string, labels ...string) *prometheus.GaugeVec {
+	f.note(name)
 	v := prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: "credproxy", Name: name, Help: help}, labels)
 	f.reg.MustRegister(v)
 	return v
 }
 
 func (f factory) counter(name, help string, labels ...string) *prometheus.CounterVec {
+	f.note(name)
 	v := prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "credproxy", Name: name, Help: help}, labels)
 	f.reg.MustRegister(v)
 	return v
 }
 
 func (f factory) histogram(name, help string, buckets []float64, labels ...string) *prometheus.HistogramVec {
+	f.note(name)
 	v := prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: "credproxy", Name: name, Help: help, Buckets: buckets}, labels)
 	f.reg.MustRegister(v)
 	return v

@@ -69,6 +69,11 @@ func TestServe(t *testing.T) {
 	if _, err := io.ReadFull(second, line); err != nil {
 		t.Fatalf("second session: %v", err)
 	}
+	// The handler's deferred Close runs as the panic unwinds, before
+	// Serve's recover logs it: the first client can see EOF first.
+	for i := 0; i < 1000 && logs.FilterMessage("session panicked").Len() == 0; i++ {
+		time.Sleep(10 * time.Millisecond)
+	}
 	if n := logs.FilterMessage("session panicked").Len(); n != 1 {
 		t.Errorf("%d panics logged, want 1", n)
 	}
