@@ -471,20 +471,6 @@ func (v *testVault) responses(t *testing.T, op, path string, okOnly bool) int {
 	return n
 }
 
-// refused counts the audit log's entries for op on path that carry an
-// error. A request Vault refuses before it reaches a backend (an invalid
-// token: 403) has a request entry only, so both kinds are counted.
-func (v *testVault) refused(t *testing.T, op, path string) int {
-	t.Helper()
-	n := 0
-	for _, e := range v.auditEntries(t) {
-		if e.Request.Operation == op && e.Request.Path == path && e.Error != "" {
-			n++
-		}
-	}
-	return n
-}
-
 // credsReads counts successful reads of the creds path, as Vault's audit
 // device recorded them (works the same against a real Vault).
 func (v *testVault) credsReads(t *testing.T, d dbEngine) int {

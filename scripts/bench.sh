@@ -3,7 +3,9 @@
 #
 # One run prints one table:
 #   (a) pgbench select-only (-S) TPS, 8 clients (-c 8 -j 2)
-#   (b) connection rate: pgbench -C -S, a new connection per transaction
+#   (b) connection rate: pgbench -C -S, a new connection per transaction,
+#       and again through a second credproxy service with server-connection
+#       reuse on (pool:), beside PgBouncer's session pooling
 #   (c) resident memory per idle session, with 200 sessions open
 # each direct (the client does SCRAM itself), through credproxy and through
 # PgBouncer. PgBouncer is set up as credproxy's peer: session pooling, apps
@@ -56,6 +58,7 @@ note "PostgreSQL on 127.0.0.1:$PG_PORT, role bench (SCRAM), scale $SCALE loaded"
 
 heading "2. starting credproxy (static secret, tls disable, audit to a file, queries not recorded)"
 PROXY_PORT=$(free_port)
+POOL_PORT=$(free_port)
 cat >"$WORK/credproxy.yaml" <<YAML
 audit:
   path: ./audit.jsonl
@@ -72,9 +75,17 @@ postgres:
     credentials: bench
     tls:
       mode: disable
+  - name: bench-pool
+    listen: 127.0.0.1:$POOL_PORT
+    upstream: 127.0.0.1:$PG_PORT
+    credentials: bench
+    tls:
+      mode: disable
+    pool: {max_server_connections: 20, idle_timeout: 60s, max_lifetime: 1h, reset_query: DISCARD ALL}
 YAML
 start_credproxy "$WORK/credproxy.yaml" "$WORK/credproxy.log" "$PROXY_PORT"
-note "credproxy pid $CREDPROXY_PID on 127.0.0.1:$PROXY_PORT"
+wait_listen "$POOL_PORT" "$CREDPROXY_PID" "credproxy (bench-pool)"
+note "credproxy pid $CREDPROXY_PID on 127.0.0.1:$PROXY_PORT, with pool: on 127.0.0.1:$POOL_PORT"
 
 heading "3. starting PgBouncer (session pooling, no client password, SCRAM upstream)"
 BOUNCER_PORT=$(free_port)
@@ -119,10 +130,11 @@ note "pgbouncer pid $BOUNCER_PID on 127.0.0.1:$BOUNCER_PORT"
 DIRECT=(-h 127.0.0.1 -p "$PG_PORT" -U bench bench)
 VIA_PROXY=(-h 127.0.0.1 -p "$PROXY_PORT" -U anything bench)
 VIA_BOUNCER=(-h 127.0.0.1 -p "$BOUNCER_PORT" -U anything bench)
+VIA_POOL=(-h 127.0.0.1 -p "$POOL_PORT" -U anything bench)
 export PGSSLMODE=disable
 
 # Every way must work before anything is measured.
-for target in DIRECT VIA_PROXY VIA_BOUNCER; do
+for target in DIRECT VIA_PROXY VIA_BOUNCER VIA_POOL; do
 	declare -n args=$target
 	pw=()
 	[[ $target == DIRECT ]] && pw=(PGPASSWORD="$BENCH_PW")
@@ -267,6 +279,11 @@ heading "7. (b) connection rate: pgbench -C -S -c $CLIENTS -j $JOBS -T $SECS, co
 run_three connect -C -S -c "$CLIENTS" -j "$JOBS" -T "$SECS"
 C_DIRECT=$T_DIRECT C_PROXY=$T_PROXY C_BOUNCER=$T_BOUNCER
 
+heading "7b. (b) connection rate with server-connection reuse (pool:): pgbench -C -S -c $CLIENTS -j $JOBS -T $SECS"
+show_log_on_failure "$WORK/pgbench-connect-credproxy-pool.log"
+C_POOL=$(tps connect-credproxy-pool -C -S -c "$CLIENTS" -j "$JOBS" -T "$SECS" "${VIA_POOL[@]}")
+note "credproxy, pool on: $C_POOL (pgbouncer above: $C_BOUNCER)"
+
 [[ -s $WORK/audit.jsonl ]] || die "credproxy wrote no audit records"
 
 # ---------------------------------------------------------------- report
@@ -276,6 +293,7 @@ verdict() { awk "BEGIN { print (($1) ? \"met\" : \"NOT met\") }"; }
 
 S_RP=$(calc %.2f "$S_PROXY / $S_DIRECT") S_RB=$(calc %.2f "$S_BOUNCER / $S_DIRECT")
 C_RP=$(calc %.2f "$C_PROXY / $C_DIRECT") C_RB=$(calc %.2f "$C_BOUNCER / $C_DIRECT")
+C_RPP=$(calc %.2f "$C_POOL / $C_DIRECT") C_PB=$(calc %.2f "$C_POOL / $C_BOUNCER")
 CP_PER=$(calc %.1f "($CP_RSS1 - $CP_RSS0) / $IDLE") PB_PER=$(calc %.1f "($PB_RSS1 - $PB_RSS0) / $IDLE")
 
 row() { printf '%-31s %13s %13s %13s %10s %10s   %s\n' "$@"; }
@@ -283,6 +301,7 @@ heading "credproxy benchmark: $CLIENTS clients, -j $JOBS, ${SECS}s per run, scal
 row "" direct credproxy pgbouncer "cp/direct" "pb/direct" target
 row "(a) select-only TPS (-S)" "$(calc %.0f "$S_DIRECT")" "$(calc %.0f "$S_PROXY")" "$(calc %.0f "$S_BOUNCER")" "${S_RP}x" "${S_RB}x" "credproxy >= 0.90x direct"
 row "(b) connections/s (-C -S)" "$(calc %.0f "$C_DIRECT")" "$(calc %.0f "$C_PROXY")" "$(calc %.0f "$C_BOUNCER")" "${C_RP}x" "${C_RB}x" "credproxy >= 1.0x direct"
+row "(b') connections/s, pool: on" "$(calc %.0f "$C_DIRECT")" "$(calc %.0f "$C_POOL")" "$(calc %.0f "$C_BOUNCER")" "${C_RPP}x" "${C_RB}x" "credproxy >= 1.0x pgbouncer (${C_PB}x)"
 row "(c) RSS per idle session, KiB" - "$CP_PER" "$PB_PER" "" "" "credproxy <= 64 KiB"
 row "    VmRSS before->after, KiB" - "$CP_RSS0->$CP_RSS1" "$PB_RSS0->$PB_RSS1" "" "" ""
 
@@ -291,6 +310,7 @@ cat <<EOF
 summary
   select-only:      credproxy ${S_RP}x direct, pgbouncer ${S_RB}x   (target >= 0.90x: $(verdict "$S_RP >= 0.90"))
   connection rate:  credproxy ${C_RP}x direct, pgbouncer ${C_RB}x   (target >= 1.0x: $(verdict "$C_RP >= 1.0"))
+  with pool:        credproxy ${C_RPP}x direct, ${C_PB}x pgbouncer   (target >= 1.0x pgbouncer: $(verdict "$C_PB >= 1.0"))
   idle session RSS: credproxy ${CP_PER} KiB, pgbouncer ${PB_PER} KiB   (target <= 64 KiB: $(verdict "$CP_PER <= 64"))
   (a measurement, not a test: figures vary with the machine and its load)
 EOF
