@@ -112,6 +112,9 @@ type Postgres struct {
 	ConnectTimeout Duration `yaml:"connect_timeout"`
 	// Rotation is how sessions move to a fresh credential when theirs ends.
 	Rotation Rotation `yaml:"rotation"`
+	// Pool, when set, reuses upstream connections across app sessions
+	// (see PostgresPool); absent, every session logs in anew.
+	Pool *PostgresPool `yaml:"pool"`
 	// MaxSessions bounds the established sessions on this listener; one
 	// more is refused after its startup packet with FATAL 53300, as
 	// PostgreSQL refuses one over max_connections. 0 (default): derived
@@ -136,6 +139,27 @@ type Rotation struct {
 	// 0 (default): as soon as credproxy knows the credential will end — a
 	// lease at its max TTL, refused or revoked, or a Vault token ending.
 	MigrateBefore Duration `yaml:"migrate_before"`
+}
+
+// PostgresPool is server-connection reuse for one Postgres service: an
+// upstream connection logged in with a credential outlives the app session
+// that opened it and, after ResetQuery, serves the next session that has
+// the same credential and startup parameters.
+type PostgresPool struct {
+	// MaxServerConnections bounds the service's upstream connections, idle
+	// and in use (default 20). A session that finds none free waits up to
+	// WaitTimeout, then gets FATAL 53300.
+	MaxServerConnections int `yaml:"max_server_connections"`
+	// IdleTimeout closes a connection idle in the pool this long (default 60s).
+	IdleTimeout Duration `yaml:"idle_timeout"`
+	// MaxLifetime closes a connection this old once it is idle (default 1h).
+	MaxLifetime Duration `yaml:"max_lifetime"`
+	// ResetQuery is run when a session ends, before the connection goes
+	// back to the pool (default "DISCARD ALL").
+	ResetQuery string `yaml:"reset_query"`
+	// WaitTimeout bounds how long a new session waits for a connection
+	// when MaxServerConnections are in use (default: connect_timeout).
+	WaitTimeout Duration `yaml:"wait_timeout"`
 }
 
 // PostgresTLS is TLS from credproxy to the upstream database.

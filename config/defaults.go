@@ -25,6 +25,11 @@ const (
 	DefaultSocketMode          = "0666"
 	DefaultVaultRequestTimeout = 5 * time.Second
 	DefaultKVRefreshInterval   = 5 * time.Minute
+
+	DefaultPoolMaxServerConnections = 20
+	DefaultPoolIdleTimeout          = 60 * time.Second
+	DefaultPoolMaxLifetime          = time.Hour
+	DefaultPoolResetQuery           = "DISCARD ALL"
 )
 
 // DefaultTunnelDeny is http.tunnel_deny when the file gives none: loopback,
@@ -83,6 +88,23 @@ func (c *Config) applyDefaults(present map[string]bool) {
 			p.ConnectTimeout = Duration(DefaultConnectTimeout)
 		}
 		p.Upstream = withDefaultPort(p.Upstream, DefaultPostgresPort)
+		if pl := p.Pool; pl != nil {
+			if !present[path+".pool.max_server_connections"] {
+				pl.MaxServerConnections = DefaultPoolMaxServerConnections
+			}
+			if !present[path+".pool.idle_timeout"] {
+				pl.IdleTimeout = Duration(DefaultPoolIdleTimeout)
+			}
+			if !present[path+".pool.max_lifetime"] {
+				pl.MaxLifetime = Duration(DefaultPoolMaxLifetime)
+			}
+			if !present[path+".pool.reset_query"] {
+				pl.ResetQuery = DefaultPoolResetQuery
+			}
+			if !present[path+".pool.wait_timeout"] {
+				pl.WaitTimeout = p.ConnectTimeout
+			}
+		}
 		if p.SocketMode == "" && strings.HasPrefix(p.Listen, "unix:") {
 			p.SocketMode = DefaultSocketMode
 		}

@@ -367,6 +367,41 @@ func (c *Config) validatePostgres(v *validator, ls listeners, i int) {
 	if p.Rotation.MigrateBefore < 0 {
 		v.add(path+".rotation.migrate_before", "must not be negative")
 	}
+	if pl := p.Pool; pl != nil {
+		pp := path + ".pool"
+		if pl.MaxServerConnections <= 0 {
+			v.add(pp+".max_server_connections", "must be greater than 0")
+		}
+		if pl.IdleTimeout <= 0 {
+			v.add(pp+".idle_timeout", "must be greater than 0")
+		}
+		if pl.MaxLifetime <= 0 {
+			v.add(pp+".max_lifetime", "must be greater than 0")
+		}
+		if pl.WaitTimeout <= 0 {
+			v.add(pp+".wait_timeout", "must be greater than 0")
+		}
+		if msg := checkResetQuery(pl.ResetQuery); msg != "" {
+			v.add(pp+".reset_query", "%s", msg)
+		} else if !strings.Contains(strings.ToUpper(pl.ResetQuery), "DISCARD ALL") {
+			v.warn(pp+".reset_query", "%q does not run DISCARD ALL: what it leaves (settings, prepared statements, "+
+				"temporary tables, LISTEN, advisory locks) is seen by the next app that gets the connection", pl.ResetQuery)
+		}
+	}
+}
+
+// checkResetQuery checks pool.reset_query: one statement of text that
+// the pool runs with the simple protocol when a session ends.
+func checkResetQuery(q string) string {
+	switch {
+	case strings.TrimSpace(q) == "":
+		return `must not be empty (absent: "DISCARD ALL")`
+	case strings.ContainsRune(q, 0):
+		return "must not contain a NUL byte"
+	case len(q) > 8<<10:
+		return "must be at most 8 KiB"
+	}
+	return ""
 }
 
 // notNegative checks a limit where 0 means the default.

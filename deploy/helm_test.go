@@ -177,7 +177,7 @@ files:
 		serviceAccount: "app",
 	},
 	{
-		name: "token auth, two databases, watch off",
+		name: "token auth, two databases (one pooled), watch off",
 		values: `
 watch: false
 vault:
@@ -185,7 +185,8 @@ vault:
   auth: {method: token, secretName: credproxy-vault-token}
 postgres:
   - {name: appdb, upstream: db-a.db.svc:5432, credentials: app-db, tls: {mode: verify-full, ca_file: /etc/credproxy/files/db-ca.pem}}
-  - {name: reports, port: 5433, upstream: db-b.db.svc, database: reports, credentials: app-db, connect_timeout: 5s}
+  - {name: reports, port: 5433, upstream: db-b.db.svc, database: reports, credentials: app-db, connect_timeout: 5s,
+     pool: {max_server_connections: 10, idle_timeout: 30s}}
 `,
 		wantKinds: []string{"ConfigMap", "Deployment", "ServiceAccount"},
 	},

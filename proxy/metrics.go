@@ -35,6 +35,7 @@ type Metrics struct {
 	migrationSwap    *prometheus.HistogramVec
 	refused          *prometheus.CounterVec
 	timeouts         *prometheus.CounterVec
+	pool             *poolMetrics
 	workloads        *workloadMetrics
 
 	names []string // every credproxy_* family, for Names
@@ -71,6 +72,7 @@ func NewMetrics() *Metrics {
 			"(max_connections, max_sessions, max_handshakes, max_upstream_connections) or its tunnel deny list (destination_denied).",
 			"protocol", "service", "reason"),
 		timeouts:  f.counter("timeouts_total", "Requests ended by a timeout, by kind (body_read).", "protocol", "service", "kind"),
+		pool:      newPoolMetrics(f, latency),
 		workloads: newWorkloadMetrics(f),
 	}
 	m.names = names

@@ -2,16 +2,20 @@
 # make bench: credproxy against a direct connection and against PgBouncer.
 #
 # One run prints one table:
-#   (a) pgbench select-only (-S) TPS, 8 clients (-c 8 -j 2)
-#   (b) connection rate: pgbench -C -S, a new connection per transaction
-#   (c) resident memory per idle session, with 200 sessions open
+#   (a) pgbench select-only (-S) TPS, 8 clients (-c 8 -j 2); and (a')
+#       through a second credproxy that records every statement
+#       (audit.queries: true)
+#   (b) connection rate: pgbench -C -S, a new connection per transaction,
+#       and again through a second credproxy service with server-connection
+#       reuse on (pool:), beside PgBouncer's session pooling
+#   (c) resident memory per idle session, with 1,000 sessions open
 # each direct (the client does SCRAM itself), through credproxy and through
 # PgBouncer. PgBouncer is set up as credproxy's peer: session pooling, apps
 # connect with no password (auth_type = any), PgBouncer logs in upstream with
 # SCRAM using the password from its [databases] entry.
 #
 # Environment: BENCH_SECONDS (default 20) per pgbench run, BENCH_CLIENTS (8),
-# BENCH_JOBS (2), BENCH_IDLE_SESSIONS (200), BENCH_SCALE (10).
+# BENCH_JOBS (2), BENCH_IDLE_SESSIONS (1000), BENCH_SCALE (10).
 #
 # It measures and never judges: the targets are printed beside the figures,
 # and the exit status is 0 whenever the runs worked. Everything it starts and
@@ -25,11 +29,14 @@ setup_traps
 SECS=${BENCH_SECONDS:-20}
 CLIENTS=${BENCH_CLIENTS:-8}
 JOBS=${BENCH_JOBS:-2}
-IDLE=${BENCH_IDLE_SESSIONS:-200}
+IDLE=${BENCH_IDLE_SESSIONS:-1000}
 SCALE=${BENCH_SCALE:-10}
 for v in SECS CLIENTS JOBS IDLE SCALE; do
 	[[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, not '${!v}'"
 done
+
+# Every idle session is two descriptors in credproxy and one in the client.
+ulimit -n "$(ulimit -Hn)"
 
 heading "0. preparing: PostgreSQL, PgBouncer, python3 and bin/credproxy"
 bash "$REPO_ROOT/scripts/deps.sh" --bench
@@ -41,8 +48,9 @@ build_credproxy
 note "$("$CREDPROXY" version); $("$PG_BINDIR/postgres" --version); $("$PGBOUNCER" --version | head -n 1)"
 make_workdir credproxy-bench
 
-heading "1. starting PostgreSQL (scram-sha-256, max_connections 300) and loading pgbench -i -s $SCALE"
-pg_start "$WORK/pg" "$(free_port)" max_connections=300 shared_buffers=256MB fsync=off synchronous_commit=off
+PG_MAX=$((IDLE + 100))
+heading "1. starting PostgreSQL (scram-sha-256, max_connections $PG_MAX) and loading pgbench -i -s $SCALE"
+pg_start "$WORK/pg" "$(free_port)" max_connections=$PG_MAX shared_buffers=256MB fsync=off synchronous_commit=off
 BENCH_PW=$(random_secret)
 printf '%s\n' "$BENCH_PW" >"$WORK/bench.pw"
 pg_super <<SQL
@@ -56,6 +64,7 @@ note "PostgreSQL on 127.0.0.1:$PG_PORT, role bench (SCRAM), scale $SCALE loaded"
 
 heading "2. starting credproxy (static secret, tls disable, audit to a file, queries not recorded)"
 PROXY_PORT=$(free_port)
+POOL_PORT=$(free_port)
 cat >"$WORK/credproxy.yaml" <<YAML
 audit:
   path: ./audit.jsonl
@@ -72,9 +81,27 @@ postgres:
     credentials: bench
     tls:
       mode: disable
+  - name: bench-pool
+    listen: 127.0.0.1:$POOL_PORT
+    upstream: 127.0.0.1:$PG_PORT
+    credentials: bench
+    tls:
+      mode: disable
+    pool: {max_server_connections: 20, idle_timeout: 60s, max_lifetime: 1h, reset_query: DISCARD ALL}
 YAML
 start_credproxy "$WORK/credproxy.yaml" "$WORK/credproxy.log" "$PROXY_PORT"
-note "credproxy pid $CREDPROXY_PID on 127.0.0.1:$PROXY_PORT"
+wait_listen "$POOL_PORT" "$CREDPROXY_PID" "credproxy (bench-pool)"
+note "credproxy pid $CREDPROXY_PID on 127.0.0.1:$PROXY_PORT, with pool: on 127.0.0.1:$POOL_PORT"
+MAIN_PROXY_PID=$CREDPROXY_PID
+
+# The same service in a second process that records every statement.
+QUERIES_PORT=$(free_port)
+sed -e "s/^  queries: false/  queries: true/" -e "s#./audit.jsonl#./audit-queries.jsonl#" \
+	-e "s/127.0.0.1:$PROXY_PORT/127.0.0.1:$QUERIES_PORT/" -e "/^  - name: bench-pool/,\$d" \
+	"$WORK/credproxy.yaml" >"$WORK/credproxy-queries.yaml"
+start_credproxy "$WORK/credproxy-queries.yaml" "$WORK/credproxy-queries.log" "$QUERIES_PORT"
+note "credproxy with audit.queries: true, pid $CREDPROXY_PID on 127.0.0.1:$QUERIES_PORT"
+CREDPROXY_PID=$MAIN_PROXY_PID
 
 heading "3. starting PgBouncer (session pooling, no client password, SCRAM upstream)"
 BOUNCER_PORT=$(free_port)
@@ -90,8 +117,8 @@ listen_port = $BOUNCER_PORT
 unix_socket_dir =
 auth_type = any
 pool_mode = session
-max_client_conn = 1000
-default_pool_size = 250
+max_client_conn = $((IDLE + 100))
+default_pool_size = $((IDLE + 50))
 ignore_startup_parameters = extra_float_digits
 log_connections = 0
 log_disconnections = 0
@@ -119,10 +146,12 @@ note "pgbouncer pid $BOUNCER_PID on 127.0.0.1:$BOUNCER_PORT"
 DIRECT=(-h 127.0.0.1 -p "$PG_PORT" -U bench bench)
 VIA_PROXY=(-h 127.0.0.1 -p "$PROXY_PORT" -U anything bench)
 VIA_BOUNCER=(-h 127.0.0.1 -p "$BOUNCER_PORT" -U anything bench)
+VIA_POOL=(-h 127.0.0.1 -p "$POOL_PORT" -U anything bench)
+VIA_QUERIES=(-h 127.0.0.1 -p "$QUERIES_PORT" -U anything bench)
 export PGSSLMODE=disable
 
 # Every way must work before anything is measured.
-for target in DIRECT VIA_PROXY VIA_BOUNCER; do
+for target in DIRECT VIA_PROXY VIA_BOUNCER VIA_POOL VIA_QUERIES; do
 	declare -n args=$target
 	pw=()
 	[[ $target == DIRECT ]] && pw=(PGPASSWORD="$BENCH_PW")
@@ -262,12 +291,21 @@ PGPASSWORD=$BENCH_PW tps warmup -S -c "$CLIENTS" -j "$JOBS" -T 3 "${DIRECT[@]}" 
 heading "6. (a) select-only: pgbench -S -c $CLIENTS -j $JOBS -T $SECS, TPS"
 run_three select -S -c "$CLIENTS" -j "$JOBS" -T "$SECS"
 S_DIRECT=$T_DIRECT S_PROXY=$T_PROXY S_BOUNCER=$T_BOUNCER
+show_log_on_failure "$WORK/pgbench-select-credproxy-queries.log"
+S_QUERIES=$(tps select-credproxy-queries -S -c "$CLIENTS" -j "$JOBS" -T "$SECS" "${VIA_QUERIES[@]}")
+note "credproxy, audit.queries: true: $S_QUERIES"
 
 heading "7. (b) connection rate: pgbench -C -S -c $CLIENTS -j $JOBS -T $SECS, connections/s"
 run_three connect -C -S -c "$CLIENTS" -j "$JOBS" -T "$SECS"
 C_DIRECT=$T_DIRECT C_PROXY=$T_PROXY C_BOUNCER=$T_BOUNCER
 
+heading "7b. (b) connection rate with server-connection reuse (pool:): pgbench -C -S -c $CLIENTS -j $JOBS -T $SECS"
+show_log_on_failure "$WORK/pgbench-connect-credproxy-pool.log"
+C_POOL=$(tps connect-credproxy-pool -C -S -c "$CLIENTS" -j "$JOBS" -T "$SECS" "${VIA_POOL[@]}")
+note "credproxy, pool on: $C_POOL (pgbouncer above: $C_BOUNCER)"
+
 [[ -s $WORK/audit.jsonl ]] || die "credproxy wrote no audit records"
+grep -q '"event":"query"' "$WORK/audit-queries.jsonl" || die "credproxy (audit.queries: true) recorded no statements"
 
 # ---------------------------------------------------------------- report
 
@@ -275,23 +313,29 @@ calc() { awk "BEGIN { printf \"$1\", $2 }"; }
 verdict() { awk "BEGIN { print (($1) ? \"met\" : \"NOT met\") }"; }
 
 S_RP=$(calc %.2f "$S_PROXY / $S_DIRECT") S_RB=$(calc %.2f "$S_BOUNCER / $S_DIRECT")
+S_PB=$(calc %.2f "$S_PROXY / $S_BOUNCER") S_RQ=$(calc %.2f "$S_QUERIES / $S_DIRECT") S_QB=$(calc %.2f "$S_QUERIES / $S_BOUNCER")
 C_RP=$(calc %.2f "$C_PROXY / $C_DIRECT") C_RB=$(calc %.2f "$C_BOUNCER / $C_DIRECT")
+C_RPP=$(calc %.2f "$C_POOL / $C_DIRECT") C_PB=$(calc %.2f "$C_POOL / $C_BOUNCER")
 CP_PER=$(calc %.1f "($CP_RSS1 - $CP_RSS0) / $IDLE") PB_PER=$(calc %.1f "($PB_RSS1 - $PB_RSS0) / $IDLE")
 
 row() { printf '%-31s %13s %13s %13s %10s %10s   %s\n' "$@"; }
 heading "credproxy benchmark: $CLIENTS clients, -j $JOBS, ${SECS}s per run, scale $SCALE, $(nproc) CPUs, $IDLE idle sessions"
 row "" direct credproxy pgbouncer "cp/direct" "pb/direct" target
-row "(a) select-only TPS (-S)" "$(calc %.0f "$S_DIRECT")" "$(calc %.0f "$S_PROXY")" "$(calc %.0f "$S_BOUNCER")" "${S_RP}x" "${S_RB}x" "credproxy >= 0.90x direct"
-row "(b) connections/s (-C -S)" "$(calc %.0f "$C_DIRECT")" "$(calc %.0f "$C_PROXY")" "$(calc %.0f "$C_BOUNCER")" "${C_RP}x" "${C_RB}x" "credproxy >= 1.0x direct"
-row "(c) RSS per idle session, KiB" - "$CP_PER" "$PB_PER" "" "" "credproxy <= 64 KiB"
+row "(a) select-only TPS (-S)" "$(calc %.0f "$S_DIRECT")" "$(calc %.0f "$S_PROXY")" "$(calc %.0f "$S_BOUNCER")" "${S_RP}x" "${S_RB}x" "credproxy >= 1.1x pgbouncer (${S_PB}x)"
+row "(a') the same, audit.queries" "$(calc %.0f "$S_DIRECT")" "$(calc %.0f "$S_QUERIES")" "$(calc %.0f "$S_BOUNCER")" "${S_RQ}x" "${S_RB}x" "credproxy >= 1.0x pgbouncer (${S_QB}x)"
+row "(b) connections/s (-C -S)" "$(calc %.0f "$C_DIRECT")" "$(calc %.0f "$C_PROXY")" "$(calc %.0f "$C_BOUNCER")" "${C_RP}x" "${C_RB}x" "credproxy >= 1.7x direct"
+row "(b') connections/s, pool: on" "$(calc %.0f "$C_DIRECT")" "$(calc %.0f "$C_POOL")" "$(calc %.0f "$C_BOUNCER")" "${C_RPP}x" "${C_RB}x" "credproxy >= 1.0x pgbouncer (${C_PB}x)"
+row "(c) RSS per idle session, KiB" - "$CP_PER" "$PB_PER" "" "" "credproxy <= 32 KiB"
 row "    VmRSS before->after, KiB" - "$CP_RSS0->$CP_RSS1" "$PB_RSS0->$PB_RSS1" "" "" ""
 
 cat <<EOF
 
 summary
-  select-only:      credproxy ${S_RP}x direct, pgbouncer ${S_RB}x   (target >= 0.90x: $(verdict "$S_RP >= 0.90"))
-  connection rate:  credproxy ${C_RP}x direct, pgbouncer ${C_RB}x   (target >= 1.0x: $(verdict "$C_RP >= 1.0"))
-  idle session RSS: credproxy ${CP_PER} KiB, pgbouncer ${PB_PER} KiB   (target <= 64 KiB: $(verdict "$CP_PER <= 64"))
+  select-only:      credproxy ${S_PB}x pgbouncer, ${S_RP}x direct   (target >= 1.1x pgbouncer: $(verdict "$S_PB >= 1.1"))
+  audit.queries:    credproxy ${S_QB}x pgbouncer, ${S_RQ}x direct   (target >= 1.0x pgbouncer: $(verdict "$S_QB >= 1.0"))
+  connection rate:  credproxy ${C_RP}x direct, pgbouncer ${C_RB}x   (target >= 1.7x direct: $(verdict "$C_RP >= 1.7"))
+  with pool:        credproxy ${C_RPP}x direct, ${C_PB}x pgbouncer   (target >= 1.0x pgbouncer: $(verdict "$C_PB >= 1.0"))
+  idle session RSS: credproxy ${CP_PER} KiB, pgbouncer ${PB_PER} KiB   (target <= 32 KiB: $(verdict "$CP_PER <= 32"))
   (a measurement, not a test: figures vary with the machine and its load)
 EOF
 

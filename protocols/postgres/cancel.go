@@ -23,6 +23,9 @@ type cancelTarget struct {
 	h   *Handler
 	key pgproto3.BackendKeyData // the upstream's; zero when it sent none
 	has bool
+	// gate, when set, is held shared while a cancel is forwarded, so that
+	// a backend going back to the pool can wait for it (pool.go).
+	gate *sync.RWMutex
 }
 
 // NewCancelRegistry returns an empty registry.
@@ -35,9 +38,10 @@ func cancelKey(pid, secret uint32) uint64 { return uint64(pid)<<32 | uint64(secr
 // cancelEntry is one issued key: what the app was given, and the target
 // it stands for, which a migration changes.
 type cancelEntry struct {
-	r   *CancelRegistry
-	k   uint64
-	key pgproto3.BackendKeyData
+	r    *CancelRegistry
+	k    uint64
+	key  pgproto3.BackendKeyData
+	gone sync.Once
 }
 
 // issue registers a target and returns its entry. The key's process id is
@@ -79,11 +83,14 @@ func (e *cancelEntry) update(t cancelTarget) {
 	e.r.mu.Unlock()
 }
 
-// unregister voids the key when the session ends.
+// unregister voids the key when the session ends (once: the key may be
+// issued again afterwards).
 func (e *cancelEntry) unregister() {
-	e.r.mu.Lock()
-	delete(e.r.targets, e.k)
-	e.r.mu.Unlock()
+	e.gone.Do(func() {
+		e.r.mu.Lock()
+		delete(e.r.targets, e.k)
+		e.r.mu.Unlock()
+	})
 }
 
 func (r *CancelRegistry) lookup(pid, secret uint32) (cancelTarget, bool) {
@@ -96,7 +103,15 @@ func (r *CancelRegistry) lookup(pid, secret uint32) (cancelTarget, bool) {
 // forward sends the upstream's own key to the upstream, over TLS when the
 // service uses TLS. It reports whether a cancel was sent.
 func (r *CancelRegistry) forward(ctx context.Context, pid, secret uint32) (bool, error) {
-	t, ok := r.lookup(pid, secret)
+	r.mu.Lock()
+	t, ok := r.targets[cancelKey(pid, secret)]
+	if ok && t.has && t.gate != nil {
+		// Taken before the registry is unlocked: a session that voids its
+		// key then takes the gate alone waits for this cancel.
+		t.gate.RLock()
+		defer t.gate.RUnlock()
+	}
+	r.mu.Unlock()
 	if !ok || !t.has {
 		return false, nil
 	}

@@ -55,8 +55,9 @@ type appChunk struct {
 	syncs int // sync points: Query, Sync, FunctionCall (each answered by one ReadyForQuery)
 	// after counts the messages after the last sync point that leave work
 	// in flight (not COPY data, not Flush).
-	after     int
-	terminate bool // Terminate
+	after       int
+	terminate   bool // Terminate
+	terminateAt int  // where the first Terminate starts in the data scanned
 }
 
 // scan walks data and returns how much of it was consumed: all of it,
@@ -81,6 +82,9 @@ func (a *appScan) scan(data []byte) (int, appChunk, error) {
 				c.after = 0
 			case 'd', 'c', 'f', 'H':
 			case 'X':
+				if !c.terminate {
+					c.terminateAt = i - 5
+				}
 				c.terminate = true
 			default:
 				c.after++
@@ -135,6 +139,8 @@ type backendScan struct {
 	onParam func(name, value string)
 	// fatal is the last FATAL or PANIC ErrorResponse the backend sent.
 	fatal *pgproto3.ErrorResponse
+	// failed: the backend sent an ErrorResponse (of any severity).
+	failed bool
 }
 
 // backendChunk is what one scan saw.
@@ -189,6 +195,7 @@ func (b *backendScan) scan(data []byte) (n, need int, c backendChunk, err error)
 					}
 				}
 			case 'E':
+				b.failed = true
 				if sev := errorSeverity(body); sev == "FATAL" || sev == "PANIC" {
 					var e pgproto3.ErrorResponse
 					if want == size && e.Decode(body) == nil {

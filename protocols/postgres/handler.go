@@ -69,6 +69,7 @@ type Handler struct {
 	clientTLS *tls.Config // offered to apps; nil when not configured
 	keepAlive time.Duration
 	scram     scramCache
+	pool      *serverPool // nil: every session logs in anew
 }
 
 // NewHandler checks and loads the service's TLS material.
@@ -104,6 +105,9 @@ func NewHandler(o Options) (*Handler, error) {
 	}
 	if h.cfg.ConnectTimeout == 0 {
 		h.cfg.ConnectTimeout = config.Duration(10 * time.Second)
+	}
+	if h.cfg.Pool != nil {
+		h.pool = newServerPool(h, *h.cfg.Pool)
 	}
 	var err error
 	if h.tls, err = upstreamTLSConfig(h.cfg.TLS, h.cfg.TLSServerName()); err != nil {
@@ -146,6 +150,10 @@ type session struct {
 	// backend.
 	appPID uint32
 	cancel *cancelEntry
+	// poolSlot: the session's backend holds a place in the pool; reused:
+	// it came from the pool.
+	poolSlot, reused bool
+	poolCred         *credentials.Credential // the credential it got from the pool's view
 }
 
 // ServeConn serves one app connection until it ends, and closes it. It
@@ -180,6 +188,7 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, id string) error
 	defer s.leaveHandshake()
 	s.rd = bufio.NewReaderSize(cc, 1024)
 	err := s.run(ctx)
+	s.dropPoolSlot()
 	if s.slot {
 		h.limits.Sessions.Release()
 	}
@@ -293,7 +302,11 @@ func (s *session) run(ctx context.Context) error {
 	}
 
 	params["database"] = s.database
-	handle, up, err := s.login(ctx, params)
+	login := s.login
+	if h.pool != nil && s.replication == "" { // a walsender is never pooled
+		login = s.loginPooled
+	}
+	handle, up, err := login(ctx, params)
 	if err != nil {
 		return s.deny(err, out)
 	}
@@ -306,7 +319,7 @@ func (s *session) run(ctx context.Context) error {
 	}()
 
 	// Hand over: everything the app needs in one write.
-	s.cancel = h.cancels.issue(cancelTarget{h: h, key: derefKey(up.key), has: up.key != nil})
+	s.cancel = h.cancels.issue(cancelTarget{h: h, key: derefKey(up.key), has: up.key != nil, gate: up.cancelGate()})
 	defer s.cancel.unregister()
 	key := s.cancel.key
 	s.appPID = key.ProcessID
@@ -337,11 +350,17 @@ func (s *session) run(ctx context.Context) error {
 	if l := handle.Lease(); l.Leased() {
 		rec.Lease = &audit.Lease{IDSHA256: l.IDHash(), TTLSecs: int64(time.Until(l.Expiry()).Seconds())}
 	}
+	if h.pool != nil {
+		rec.BackendReused = &s.reused
+	}
 	h.audit.Record(rec)
 	s.started = true
 	h.obs.SessionStarted(protocolName, h.cfg.Name)
 	fields := []zap.Field{zap.String("upstream", h.cfg.Upstream),
 		zap.String("database", s.database), zap.String("db_user", s.dbUser), zap.String("credential", handle.Name)}
+	if h.pool != nil {
+		fields = append(fields, zap.Bool("backend_reused", s.reused))
+	}
 	if s.replication != "" {
 		fields = append(fields, zap.String("replication", s.replication))
 	}
@@ -422,6 +441,7 @@ func (s *session) connect(ctx context.Context, user string, password credentials
 		return nil, err
 	}
 	_ = conn.SetDeadline(time.Time{})
+	up.born = time.Now()
 	return up, nil
 }
 

@@ -259,7 +259,7 @@ func (r *relay) migrateOnce(ctx context.Context) error {
 	r.mu.Unlock()
 	swapped = true
 	if s.cancel != nil {
-		s.cancel.update(cancelTarget{h: h, key: derefKey(up.key), has: up.key != nil})
+		s.cancel.update(cancelTarget{h: h, key: derefKey(up.key), has: up.key != nil, gate: up.cancelGate()})
 	}
 	next.scan.appPID = s.appPID
 	release()

@@ -86,8 +86,13 @@ func (p *Protocol) Build(cfg *config.Config, env proxy.Env) ([]proxy.Service, er
 		if ct := pc.ClientTLS; ct != nil {
 			files = append(files, ct.CertFile, ct.KeyFile)
 		}
-		svcs = append(svcs, proxy.Service{Name: pc.Name, Listen: pc.Listen, SocketMode: pc.SocketMode,
-			Spec: spec, Handler: h, Files: files})
+		sv := proxy.Service{Name: pc.Name, Listen: pc.Listen, SocketMode: pc.SocketMode,
+			Spec: spec, Handler: h, Files: files}
+		if h.pool != nil {
+			// The pool's idle upstream connections are the handler's own.
+			sv.Shutdown, sv.Close = h.Shutdown, h.Close
+		}
+		svcs = append(svcs, sv)
 	}
 	return svcs, nil
 }

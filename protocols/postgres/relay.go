@@ -63,6 +63,10 @@ type relay struct {
 	finished  bool // the relay ended: no migration starts
 	migrating bool // a migration runs
 	retired   bool // the credential was retired: the session was to move
+	// detaching: the app ended where its backend may go back to the pool,
+	// and the backend's copy is asked to stop without closing it;
+	// detached: it did, at a clean point (pool.go).
+	detaching, detached bool
 
 	term   atomic.Pointer[pgproto3.ErrorResponse] // end the session with this at the next boundary
 	termCh chan struct{}                          // closed when term is set
@@ -125,7 +129,11 @@ func buffered(rd interface {
 
 func (r *relay) newBackend(up *upstream, handle *credentials.Handle, user string) *backend {
 	b := &backend{upstream: up, handle: handle, user: user}
-	b.rd = newStream(up.conn, buffered(up.rd))
+	if up.st != nil { // from the pool, with what it buffered
+		b.rd, up.st = up.st, nil
+	} else {
+		b.rd = newStream(up.conn, buffered(up.rd))
+	}
 	up.rd = nil
 	if up.key != nil {
 		b.scan.ownPID = up.key.ProcessID
@@ -161,6 +169,9 @@ func (r *relay) run(ctx context.Context) error {
 			if err != nil {
 				firstErr = fmt.Errorf("relay from %s: %w", side, err)
 			}
+			if side == "client" && err == nil && r.startDetach() {
+				return // the backend may serve another session (pool.go)
+			}
 			r.cut()
 		})
 	}
@@ -180,8 +191,13 @@ func (r *relay) run(ctx context.Context) error {
 	r.mu.Lock()
 	up := r.up
 	r.mu.Unlock()
-	up.conn.Close()
-	up.handle.Release()
+	if r.detaching {
+		r.client.Close()
+	}
+	if !r.recycle(ctx, up) {
+		up.conn.Close()
+		up.handle.Release()
+	}
 	if r.client != s.raw { // a TLS client's bytes are counted below the TLS layer
 		s.client.In.Add(r.in.read)
 		s.client.Out.Add(r.out)
@@ -306,6 +322,14 @@ func (r *relay) fromClient() error {
 			r.closing = r.closing || c.terminate
 			up := r.up
 			r.mu.Unlock()
+			if c.terminate && s.poolSlot {
+				// The backend may serve another session: what came before
+				// Terminate goes, Terminate does not.
+				if _, werr := up.conn.Write(data[:c.terminateAt]); werr != nil {
+					return werr
+				}
+				return nil
+			}
 			if n > 0 {
 				if _, werr := up.conn.Write(data[:n]); werr != nil {
 					return werr
@@ -373,6 +397,12 @@ func (r *relay) toClient() error {
 			rerr = up.rd.fill(need)
 		}
 		if errors.Is(rerr, os.ErrDeadlineExceeded) {
+			if r.isDetaching() {
+				// The app ended cleanly: stop here, with what was read
+				// still buffered, for the pool to reset the backend.
+				r.detached = true
+				return nil
+			}
 			// Woken for a termination or a hold, or the boundary wait ran out.
 			rerr = nil
 			if resp := r.term.Load(); resp != nil && waiting {
@@ -395,6 +425,14 @@ func (r *relay) toClient() error {
 				_ = up.conn.SetReadDeadline(time.Now().Add(boundaryWait))
 			}
 		}
+		if c.readys > 0 {
+			// Counted before the app can see them: an app that answers a
+			// ReadyForQuery at once (Terminate) finds the session idle.
+			r.mu.Lock()
+			r.pending = max(r.pending-c.readys, 0)
+			r.tx = c.tx
+			r.mu.Unlock()
+		}
 		if n > 0 {
 			if err := r.write(data[:n]); err != nil {
 				return err
@@ -410,10 +448,6 @@ func (r *relay) toClient() error {
 		need = max(more, 1)
 
 		r.mu.Lock()
-		if c.readys > 0 {
-			r.pending = max(r.pending-c.readys, 0)
-			r.tx = c.tx
-		}
 		var h *hold
 		if r.hold != nil && !r.hold.isParked && r.idle() && up.scan.atBoundary() && len(up.rd.data()) == 0 {
 			h = r.hold
@@ -430,6 +464,13 @@ func (r *relay) toClient() error {
 			need = 1
 		}
 	}
+}
+
+// isDetaching reports whether the backend's copy is to stop for the pool.
+func (r *relay) isDetaching() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.detaching
 }
 
 // backendEnded is what the backend's read error err means for the

@@ -15,6 +15,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/jackc/pgproto3/v2"
 	"github.com/xdg-go/scram"
@@ -190,6 +191,12 @@ type upstream struct {
 	notices  []*pgproto3.NoticeResponse
 	key      *pgproto3.BackendKeyData // nil when the upstream sent none
 	txStatus byte
+	// born is when the connection was opened (pool.max_lifetime); st, for
+	// a backend from the pool, is its read side with what it buffered;
+	// gate orders cancels with its return to the pool (pool.go).
+	born time.Time
+	st   *stream
+	gate *sync.RWMutex
 }
 
 // login sends the StartupMessage, answers the upstream's authentication

@@ -87,6 +87,9 @@ type Record struct {
 	DBUser     string `json:"db_user,omitempty"`
 	Credential string `json:"credential,omitempty"`
 	Lease      *Lease `json:"lease,omitempty"`
+	// BackendReused: the upstream connection served an earlier session
+	// (postgres[].pool); absent when the service has no pool.
+	BackendReused *bool `json:"backend_reused,omitempty"`
 	// Replication marks a Postgres replication connection: "physical"
 	// (replication=true) or "logical" (replication=database).
 	Replication string `json:"replication,omitempty"`
