@@ -25,6 +25,7 @@ type Config struct {
 	Vault         *Vault            `yaml:"vault"`
 	Postgres      []Postgres        `yaml:"postgres"`
 	HTTP          *HTTP             `yaml:"http"`
+	Workloads     *Workloads        `yaml:"workloads"`
 
 	// warnings are what validation accepted but an operator should see.
 	warnings []*FieldError

@@ -74,6 +74,7 @@ func (c *Config) applyDefaults(present map[string]bool) {
 			sec.Vault.RefreshInterval = Duration(DefaultKVRefreshInterval)
 		}
 	}
+	c.applyWorkloadDefaults()
 	for i := range c.Postgres {
 		p := &c.Postgres[i]
 		path := fmt.Sprintf("postgres[%d]", i)

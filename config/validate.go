@@ -130,6 +130,7 @@ func (c *Config) validate(v *validator) {
 	if c.HTTP != nil {
 		c.validateHTTP(v, ls)
 	}
+	c.validateWorkloads(v)
 }
 
 func (c *Config) validateAudit(v *validator) {
@@ -270,6 +271,9 @@ func (c *Config) validateVault(v *validator) {
 	}
 
 	a := vc.Auth
+	if a.Method == "" && c.Workloads != nil {
+		return // credproxy logs in as each workload (workloads.rules[].vault_auth), never as itself
+	}
 	if !v.required("vault.auth.method", a.Method) {
 		return
 	}
@@ -301,7 +305,7 @@ func (c *Config) validatePostgres(v *validator, ls listeners, i int) {
 		path := fmt.Sprintf("postgres[%d].socket_mode", i)
 		if mode, err := strconv.ParseUint(m, 8, 32); err != nil || mode > 0o777 {
 			v.add(path, "must be an octal file mode such as \"0660\", not %q", m)
-		} else if !strings.HasPrefix(c.Postgres[i].Listen, "unix:") {
+		} else if !strings.HasPrefix(c.Postgres[i].Listen, "unix:") && c.Workloads == nil {
 			v.add(path, "applies only to a unix: listen address")
 		}
 	}
@@ -319,7 +323,13 @@ func (c *Config) validatePostgres(v *validator, ls listeners, i int) {
 			}
 		}
 	}
-	if v.required(path+".listen", p.Listen) {
+	if c.Workloads != nil {
+		if msg := checkWorkloadListen(p.Listen); msg != "" {
+			v.add(path+".listen", "%s", msg)
+		} else {
+			ls.claim(v, path+".listen", p.Listen)
+		}
+	} else if v.required(path+".listen", p.Listen) {
 		if msg := checkListen(p.Listen); msg != "" {
 			v.add(path+".listen", "%s", msg)
 		} else {

@@ -32,30 +32,13 @@ import (
 	"github.com/credproxy/credproxy/integration/kubetest"
 )
 
-// baselineWarnings are the Pod Security warnings a credproxy DaemonSet gets
-// in a namespace that warns at baseline (its own namespace.yaml, and the
-// chart's daemonset mode as the README labels it): what it needs the
-// privileged level for, and nothing else. The first is the DaemonSet's, the
-// second its pod's, where the API server has defaulted each container
-// port's hostPort to the port itself, as it does in the host network.
-// Without the node-IP listeners (socket only) it is the hostPath alone.
-func baselineWarnings(hostPorts string) []string {
-	const prefix = `would violate PodSecurity "baseline:latest": `
-	if hostPorts == "" {
-		return []string{prefix + `hostPath volumes (volume "socket-dir")`}
-	}
-	return []string{
-		prefix + `host namespaces (hostNetwork=true), hostPath volumes (volume "socket-dir")`,
-		prefix + `host namespaces (hostNetwork=true), hostPath volumes (volume "socket-dir"), hostPort (container "credproxy" uses hostPorts ` + hostPorts + `)`,
-	}
-}
-
-// helmDaemonSetHostPorts are the host ports of the chart's DaemonSet pod
-// with each daemonset-mode value set ("" for none: no host network).
-var helmDaemonSetHostPorts = map[string]string{
-	"daemonset defaults":                 "5432, 9187",
-	"daemonset with only the http proxy": "8118, 9187",
-	"daemonset socket only":              "",
+// nodePluginWarnings are the Pod Security warnings of credproxy as a CSI
+// node plugin (DaemonSet mode with per-pod attribution) in a namespace that
+// warns at baseline: the DaemonSet's, then its pod's.
+var nodePluginWarnings = []string{
+	`would violate PodSecurity "baseline:latest": host namespaces (hostPID=true), ` +
+		`hostPath volumes (volumes "plugin-dir", "registration-dir", "mountpoint-dir", "state-dir"), ` +
+		`privileged (container "credproxy" must not set securityContext.privileged=true)`,
 }
 
 // TestManifestsOnAPIServer submits every manifest under kubernetes/ (the
@@ -123,23 +106,17 @@ spec:
 	})
 	t.Run("kubernetes/daemonset", func(t *testing.T) {
 		// The kustomization makes namespace credproxy itself (namespace.yaml):
-		// enforce privileged, warn baseline.
-		s.submit(t, "", kustomizeBuild(t, "kubernetes/daemonset"), baselineWarnings("5432, 8118, 9187"))
+		// enforce privileged, warn baseline. The node plugin's warnings are
+		// what it needs privileged for (see daemonset.yaml), and nothing else.
+		s.submit(t, "", kustomizeBuild(t, "kubernetes/daemonset"), nodePluginWarnings)
 	})
 	t.Run("kubernetes/daemonset/example-app.yaml", func(t *testing.T) {
-		// The hostPath volume puts the app's namespace at privileged (the
-		// file says so); warning at restricted shows it is all that does.
-		const ns = "node-apps"
-		c.CreateNamespace(t, ns, map[string]string{
-			"pod-security.kubernetes.io/enforce": "privileged",
-			"pod-security.kubernetes.io/warn":    "restricted",
-		})
-		s.submit(t, ns, readManifests(t, "kubernetes/daemonset/example-app.yaml"),
-			[]string{`would violate PodSecurity "restricted:latest": restricted volume types (volume "credproxy-socket" uses restricted volume type "hostPath")`})
-	})
-	t.Run("kubernetes/daemonset/networkpolicy-example.yaml", func(t *testing.T) {
-		c.CreateNamespace(t, "other-apps", kubetest.PodSecurityLabels(kubetest.Restricted))
-		s.submit(t, "other-apps", readManifests(t, "kubernetes/daemonset/networkpolicy-example.yaml"), nil)
+		// The app's namespace stays at restricted: the inline CSI volume
+		// is allowed there, where a hostPath was not.
+		const ns = "production"
+		c.CreateNamespace(t, ns, kubetest.PodSecurityLabels(kubetest.Restricted))
+		c.CreateServiceAccount(t, ns, "app")
+		s.submit(t, ns, readManifests(t, "kubernetes/daemonset/example-app.yaml"), nil)
 	})
 
 	chrt := loadChart(t)
@@ -159,6 +136,7 @@ spec:
 				objs = append(objs, decodeObjects(t, name, []byte(out[name]))...)
 			}
 			ns := fmt.Sprintf("helm-%d", i)
+			appNS := ns
 			var warnings []string
 			if strings.Contains(vs.values, "mode: daemonset") {
 				// As the README: kubectl label namespace credproxy
@@ -168,11 +146,10 @@ spec:
 					"pod-security.kubernetes.io/enforce": "privileged",
 					"pod-security.kubernetes.io/warn":    "baseline",
 				})
-				hostPorts, ok := helmDaemonSetHostPorts[vs.name]
-				if !ok {
-					t.Fatalf("helmDaemonSetHostPorts has no entry for %q", vs.name)
-				}
-				warnings = baselineWarnings(hostPorts)
+				warnings = nodePluginWarnings
+				// Apps live in namespaces of their own, at restricted.
+				appNS = ns + "-app"
+				c.CreateNamespace(t, appNS, kubetest.PodSecurityLabels(kubetest.Restricted))
 			} else {
 				c.CreateNamespace(t, ns, kubetest.PodSecurityLabels(kubetest.Restricted))
 			}
@@ -180,15 +157,12 @@ spec:
 				c.CreateServiceAccount(t, ns, vs.serviceAccount)
 			}
 			s.submit(t, ns, objs, warnings)
-			if strings.Contains(vs.values, "mode: daemonset") {
-				return
-			}
 			// The pod-spec fragment NOTES.txt prints for your own
 			// Deployments passes restricted too, merged into an app
 			// container that does.
 			yours := decodeObjects(t, "NOTES.txt pod spec", []byte(notesDeployment(t, notes)))
 			completeApp(t, yours[0])
-			s.submit(t, ns, yours, nil)
+			s.submit(t, appNS, yours, nil)
 		})
 	}
 }
@@ -274,6 +248,11 @@ func (s *submitter) submit(t *testing.T, ns string, objs []*unstructured.Unstruc
 			t.Errorf("%s: the API server refused it: %v", what, err)
 			continue
 		}
+		if created.GetNamespace() == "" && obj.GetKind() != "Namespace" && obj.GetKind() != "CustomResourceDefinition" {
+			// Cluster-scoped (the CSIDriver, RBAC): gone with the case, so
+			// the next case can create its own of the same name.
+			t.Cleanup(func() { s.remove(t, created) })
+		}
 		pod, ok := podFromWorkload(t, created)
 		if !ok {
 			continue
@@ -311,6 +290,21 @@ func (s *submitter) create(t *testing.T, ns string, obj *unstructured.Unstructur
 	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
 	defer cancel()
 	return ri.Create(ctx, obj, metav1.CreateOptions{DryRun: dryRun, FieldValidation: metav1.FieldValidationStrict})
+}
+
+// remove deletes a cluster-scoped object.
+func (s *submitter) remove(t *testing.T, obj *unstructured.Unstructured) {
+	gvk := obj.GroupVersionKind()
+	mapping, err := s.mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
+	if err != nil {
+		t.Errorf("delete %s %s: %v", obj.GetKind(), obj.GetName(), err)
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := s.dyn.Resource(mapping.Resource).Delete(ctx, obj.GetName(), metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+		t.Errorf("delete %s %s: %v", obj.GetKind(), obj.GetName(), err)
+	}
 }
 
 // podFromWorkload returns the pod a workload's controller would create

@@ -19,6 +19,8 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	storagev1 "k8s.io/api/storage/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	kjson "sigs.k8s.io/json"
@@ -58,16 +60,19 @@ type podMonitor struct {
 // kinds maps apiVersion/kind to the Go type a manifest must decode into. A
 // manifest of any other kind fails the tests: add its type here.
 var kinds = map[string]func() any{
-	"apps/v1/Deployment":                 func() any { return &appsv1.Deployment{} },
-	"apps/v1/DaemonSet":                  func() any { return &appsv1.DaemonSet{} },
-	"v1/ConfigMap":                       func() any { return &corev1.ConfigMap{} },
-	"v1/Secret":                          func() any { return &corev1.Secret{} },
-	"v1/Service":                         func() any { return &corev1.Service{} },
-	"v1/ServiceAccount":                  func() any { return &corev1.ServiceAccount{} },
-	"v1/Namespace":                       func() any { return &corev1.Namespace{} },
-	"networking.k8s.io/v1/NetworkPolicy": func() any { return &networkingv1.NetworkPolicy{} },
-	"kustomize.config.k8s.io/v1beta1/Kustomization": func() any { return &kustomization{} },
-	"monitoring.coreos.com/v1/PodMonitor":           func() any { return &podMonitor{} },
+	"apps/v1/Deployment":                       func() any { return &appsv1.Deployment{} },
+	"apps/v1/DaemonSet":                        func() any { return &appsv1.DaemonSet{} },
+	"v1/ConfigMap":                             func() any { return &corev1.ConfigMap{} },
+	"v1/Secret":                                func() any { return &corev1.Secret{} },
+	"v1/Service":                               func() any { return &corev1.Service{} },
+	"v1/ServiceAccount":                        func() any { return &corev1.ServiceAccount{} },
+	"v1/Namespace":                             func() any { return &corev1.Namespace{} },
+	"networking.k8s.io/v1/NetworkPolicy":       func() any { return &networkingv1.NetworkPolicy{} },
+	"storage.k8s.io/v1/CSIDriver":              func() any { return &storagev1.CSIDriver{} },
+	"rbac.authorization.k8s.io/v1/ClusterRole": func() any { return &rbacv1.ClusterRole{} },
+	"rbac.authorization.k8s.io/v1/ClusterRoleBinding": func() any { return &rbacv1.ClusterRoleBinding{} },
+	"kustomize.config.k8s.io/v1beta1/Kustomization":   func() any { return &kustomization{} },
+	"monitoring.coreos.com/v1/PodMonitor":             func() any { return &podMonitor{} },
 }
 
 // manifest is one decoded YAML document.
@@ -219,6 +224,11 @@ func checkWorkloads(t *testing.T, ms []manifest) []*credproxyPod {
 	for _, m := range ms {
 		if ds, ok := m.Object.(*appsv1.DaemonSet); ok {
 			checkDaemonSet(t, m.Source, ds)
+		}
+	}
+	for _, cp := range cps {
+		if cp.cfg.Workloads != nil {
+			checkNodePlugin(t, ms, cp)
 		}
 	}
 	for _, a := range apps {
@@ -392,7 +402,11 @@ func checkCredproxyPod(t *testing.T, src string, spec *corev1.PodSpec, cms map[s
 	}
 	cp.cfg = cfg
 
-	checkHardening(t, src, spec, c)
+	if cfg.Workloads != nil {
+		checkNodePluginHardening(t, src, spec, c)
+	} else {
+		checkHardening(t, src, spec, c)
+	}
 	checkProbes(t, src, c, cfg)
 	checkVaultAuth(t, src, spec, c, cfg, root)
 	if slices.ContainsFunc(spec.InitContainers, func(ic corev1.Container) bool { return ic.Name == "credproxy" }) {
@@ -472,6 +486,10 @@ func materializeMounts(t *testing.T, src, root string, spec *corev1.PodSpec, c *
 					items("Secret "+s.Secret.Name, s.Secret.Items, dir, nil)
 				case s.ServiceAccountToken != nil:
 					write(dir, s.ServiceAccountToken.Path, "header.payload.signature", secretMode)
+				case s.DownwardAPI != nil:
+					for _, it := range s.DownwardAPI.Items {
+						write(dir, it.Path, "placeholder", configMapMode)
+					}
 				default:
 					t.Errorf("%s: volume %s: unexpected projected source", src, vm.Name)
 				}
@@ -530,7 +548,11 @@ func relocateConfigPaths(t *testing.T, src string, data []byte, root string, c *
 				case key == "audit.path" && v.Value != "-" && v.Value != "":
 					writable(key, v.Value)
 					v.Value = filepath.Join(root, v.Value)
-				case k.Value == "listen" && strings.HasPrefix(v.Value, "unix:"):
+				case k.Value == "listen" && strings.HasPrefix(v.Value, "unix:/"):
+					writable(key, filepath.Dir(strings.TrimPrefix(v.Value, "unix:")))
+				case key == "workloads.csi.state_dir":
+					writable(key, v.Value)
+				case key == "workloads.csi.endpoint":
 					writable(key, filepath.Dir(strings.TrimPrefix(v.Value, "unix:")))
 				}
 			}
@@ -724,7 +746,16 @@ func checkAppEnv(t *testing.T, src string, spec *corev1.PodSpec, c *corev1.Conta
 		for _, p := range cp.cfg.Postgres {
 			listens = append(listens, p.Listen)
 		}
-		if strings.HasPrefix(host, "/") {
+		if v := csiVolume(spec, c, host); v != nil && cp.cfg.Workloads != nil {
+			// DaemonSet mode: the pod's own directory, from credproxy's
+			// CSI driver, holding the socket of a postgres service.
+			if v.CSI.Driver != cp.cfg.Workloads.CSI.Driver {
+				t.Errorf("%s: container %s: PGHOST=%s is on CSI driver %s, credproxy's is %s", src, c.Name, host, v.CSI.Driver, cp.cfg.Workloads.CSI.Driver)
+			}
+			if !slices.Contains(listens, "unix:.s.PGSQL."+port) {
+				t.Errorf("%s: container %s: .s.PGSQL.%s is no credproxy socket of %s (%v)", src, c.Name, port, cp.src, listens)
+			}
+		} else if strings.HasPrefix(host, "/") {
 			// libpq: a directory holding .s.PGSQL.<port>. It must be the
 			// same node file as credproxy's socket.
 			appFile, err := hostFile(spec, c, host+"/.s.PGSQL."+port)

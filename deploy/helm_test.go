@@ -3,6 +3,7 @@ package deploy
 import (
 	"os"
 	"path"
+	"slices"
 	"sort"
 	"strings"
 	"testing"
@@ -88,6 +89,9 @@ func kindsOf(ms []manifest) []string {
 	return ks
 }
 
+// helmNodePluginKinds is what the chart renders in daemonset mode.
+var helmNodePluginKinds = []string{"CSIDriver", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "Service", "ServiceAccount"}
+
 // helmValueSet is one tested set of values: the chart renders wantKinds
 // with them, and the API server takes what it renders (cluster_test.go).
 type helmValueSet struct {
@@ -135,17 +139,26 @@ var helmValueSets = []helmValueSet{
 	{
 		name:      "daemonset defaults",
 		values:    "mode: daemonset\n",
-		wantKinds: []string{"ConfigMap", "DaemonSet", "Service", "ServiceAccount"},
+		wantKinds: helmNodePluginKinds,
 	},
 	{
-		name:      "daemonset with only the http proxy",
-		values:    "mode: daemonset\n" + helmHTTPOn + "postgres: []\n",
-		wantKinds: []string{"ConfigMap", "DaemonSet", "Service", "ServiceAccount"},
+		name: "daemonset with the http proxy, two rules",
+		values: "mode: daemonset\n" + helmHTTPOn + `
+daemonset:
+  rules:
+    - match: {namespace: production, service_account: app}
+      vault_auth: {role: app}
+      allow: [appdb, api.github.com]
+    - match: {namespace: reports, service_account: reporter}
+      vault_auth: {method: jwt, role: reporter, mount: jwt-k8s}
+      allow: [appdb]
+`,
+		wantKinds: helmNodePluginKinds,
 	},
 	{
-		name:      "daemonset socket only",
-		values:    "mode: daemonset\ndaemonset: {nodeIP: false}\n",
-		wantKinds: []string{"ConfigMap", "DaemonSet", "Service", "ServiceAccount"},
+		name:      "daemonset with only the http proxy, peer check auto, no metrics Service",
+		values:    "mode: daemonset\n" + helmHTTPOn + "postgres: []\ndaemonset: {peerCheck: auto, metricsService: false, rules: [{match: {namespace: web, service_account: frontend}, vault_auth: {role: web}, allow: [api.github.com]}]}\n",
+		wantKinds: []string{"CSIDriver", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "ServiceAccount"},
 	},
 	{
 		name: "approle auth, image digest, existing service account",
@@ -206,11 +219,9 @@ func TestHelmChart(t *testing.T) {
 			if len(podSpecs(ms)) > 0 {
 				checkWorkloads(t, ms)
 			}
-			if strings.Contains(tt.values, "mode: daemonset") {
-				return
-			}
-			// Sidecar mode: the fragment NOTES.txt prints for your own
-			// workloads is a pod spec that passes the same checks.
+			// The fragment NOTES.txt prints for your own workloads is a
+			// pod spec that passes the same checks: beside credproxy
+			// (sidecar), or as an app pod of the node's credproxy.
 			checkPodSpecFragment(t, ms, notes)
 		})
 	}
@@ -232,13 +243,17 @@ func checkPodSpecFragment(t *testing.T, ms []manifest, notes string) {
 	}
 	// Fill in what the user's container has, so the fragment is a pod.
 	app.Image = "registry.example.com/app:1.0"
-	var cms []manifest
+	var with []manifest
 	for _, m := range ms {
-		if _, ok := m.Object.(*corev1.ConfigMap); ok {
-			cms = append(cms, m)
+		switch m.Object.(type) {
+		case *corev1.ConfigMap:
+			with = append(with, m)
+		case *appsv1.DaemonSet:
+			// Daemonset mode: the app pairs with the node's credproxy.
+			with = ms
 		}
 	}
-	checkWorkloads(t, append(cms, got...))
+	checkWorkloads(t, append(slices.Clone(with), got...))
 }
 
 // notesDeployment returns the pod-spec fragment NOTES.txt prints, as the
@@ -297,6 +312,12 @@ func TestHelmValuesSchemaRejects(t *testing.T) {
 		{"bad log level", "logLevel: trace\n"},
 		{"bad image digest", "image: {digest: latest}\n"},
 		{"env var without name", "env: [{value: x}]\n"},
+		{"daemonset rule matching labels", "daemonset: {rules: [{match: {namespace: a, labels: {app: x}}, allow: [appdb]}]}\n"},
+		{"daemonset rule without service account", "daemonset: {rules: [{match: {namespace: a}, allow: [appdb]}]}\n"},
+		{"daemonset rule allowing nothing", "daemonset: {rules: [{match: {namespace: a, service_account: b}, allow: []}]}\n"},
+		{"daemonset rule with approle", "daemonset: {rules: [{match: {namespace: a, service_account: b}, vault_auth: {method: approle, role: r}, allow: [appdb]}]}\n"},
+		{"bad CSI driver name", "daemonset: {driver: CSI_Credproxy}\n"},
+		{"bad peer check", "daemonset: {peerCheck: sometimes}\n"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -319,8 +340,7 @@ func TestHelmChartFails(t *testing.T) {
 		name, values, want string
 	}{
 		{"nothing to proxy", "postgres: []\n", "at least one postgres entry"},
-		{"daemonset with no listener", "mode: daemonset\ndaemonset: {socket: false, nodeIP: false}\n", "daemonset.socket or daemonset.nodeIP"},
-		{"daemonset http without node IP", "mode: daemonset\nhttp: {enabled: true}\ndaemonset: {nodeIP: false}\n", "set daemonset.nodeIP"},
+		{"daemonset without rules", "mode: daemonset\ndaemonset: {rules: []}\n", "at least one in daemonset.rules"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

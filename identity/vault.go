@@ -154,3 +154,39 @@ func loginAt(ctx context.Context, c *vault.Client, path string, body map[string]
 	}
 	return s, nil
 }
+
+// TokenFunc returns the token to log in with, for a login whose token
+// lives in memory rather than in a file (a pod's token from the CSI
+// node plugin).
+type TokenFunc func() (Token, error)
+
+// NewWorkloadLogin builds a kubernetes or jwt login at mount for role,
+// with the token tok returns at each login: credproxy logging in as a
+// workload, with that pod's own token.
+func NewWorkloadLogin(method, mount, role string, tok TokenFunc) (VaultLogin, error) {
+	switch method {
+	case "kubernetes", "jwt":
+	default:
+		return nil, fmt.Errorf("workload vault auth: method %q: want kubernetes or jwt", method)
+	}
+	return &memLogin{method: method, mount: orDefault(strings.Trim(mount, "/"), method), role: role, tok: tok}, nil
+}
+
+// memLogin logs in with a JWT held in memory.
+type memLogin struct {
+	method, mount, role string
+	tok                 TokenFunc
+}
+
+func (l *memLogin) Method() string { return l.method }
+
+func (l *memLogin) Login(ctx context.Context, c *vault.Client) (*vault.Secret, error) {
+	t, err := l.tok()
+	if err != nil {
+		return nil, err
+	}
+	if t.IsZero() {
+		return nil, errors.New("no workload token")
+	}
+	return loginAt(ctx, c, "auth/"+l.mount+"/login", map[string]any{"role": l.role, "jwt": t.Reveal()})
+}

@@ -23,6 +23,8 @@ type built struct {
 	audit    audit.Sink
 	writer   *audit.Writer // a newly opened audit file, if any
 	svcs     []Service
+	share    int      // Env.Share
+	files    []string // DaemonSet mode: the services' files
 }
 
 // build makes the parts of cfg that can fail. Parts whose settings did not
@@ -37,7 +39,9 @@ func (s *Server) build(cfg *config.Config) (b *built, err error) {
 	}()
 	old := s.cfg
 	switch {
-	case cfg.Vault == nil:
+	case cfg.Vault == nil, cfg.Workloads != nil:
+		// In DaemonSet mode credproxy logs in as each workload, never as
+		// itself, and serves no credential of its own.
 	case old != nil && reflect.DeepEqual(old.Vault, cfg.Vault) && s.vault != nil:
 		b.vault = s.vault
 	default:
@@ -46,7 +50,9 @@ func (s *Server) build(cfg *config.Config) (b *built, err error) {
 		}
 		b.newVault = true
 	}
-	if b.sources, err = BuildSources(cfg.Secrets, b.vault); err != nil {
+	if cfg.Workloads != nil {
+		b.sources = map[string]credentials.Source{}
+	} else if b.sources, err = BuildSources(cfg.Secrets, b.vault); err != nil {
 		return b, err
 	}
 
@@ -77,12 +83,22 @@ func (s *Server) build(cfg *config.Config) (b *built, err error) {
 		Budget:      s.budget,
 		OwnAddrs:    s.ownAddrs,
 	}
+	b.share = env.Share
 	for _, p := range s.protocols {
 		svcs, err := p.Build(cfg, env)
 		if err != nil {
 			return b, err
 		}
 		b.svcs = append(b.svcs, svcs...)
+	}
+	if cfg.Workloads != nil {
+		// Each pod gets the services on listeners of its own
+		// (workloads.go); these were built to check the config.
+		for _, sv := range b.svcs {
+			b.files = append(b.files, sv.Files...)
+			sv.release()
+		}
+		b.svcs = nil
 	}
 	return b, nil
 }
@@ -102,10 +118,10 @@ func (b *built) discard() {
 
 // commit makes b the running config's parts (not its listeners).
 func (s *Server) commit(b *built) {
-	s.cfg, s.sources = b.cfg, b.sources
+	s.cfg, s.sources, s.share = b.cfg, b.sources, b.share
 	s.running.Store(b.cfg)
 	s.mu.Lock() // Addrs reads it without reloadMu
-	s.svcs = b.svcs
+	s.svcs, s.files = b.svcs, b.files
 	s.mu.Unlock()
 	for _, sv := range b.svcs {
 		if sv.Close != nil {

@@ -20,7 +20,7 @@ func layer(pkg string) (rank int, ok bool) {
 	switch {
 	case pkg == "config":
 		return 0, true
-	case pkg == "identity", pkg == "proxy/credentials", pkg == "proxy/audit", pkg == "proxy/limit":
+	case pkg == "identity", strings.HasPrefix(pkg, "identity/"), pkg == "proxy/credentials", pkg == "proxy/audit", pkg == "proxy/limit":
 		return 1, true // leaves: every layer above may use them
 	case pkg == "proxy":
 		return 2, true // the engine

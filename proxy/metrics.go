@@ -36,6 +36,7 @@ type Metrics struct {
 	refused          *prometheus.CounterVec
 	timeouts         *prometheus.CounterVec
 	pool             *poolMetrics
+	workloads        *workloadMetrics
 
 	names []string // every credproxy_* family, for Names
 }
@@ -70,8 +71,9 @@ func NewMetrics() *Metrics {
 		refused: f.counter("connections_refused_total", "Connections and requests turned away by credproxy's own limits "+
 			"(max_connections, max_sessions, max_handshakes, max_upstream_connections) or its tunnel deny list (destination_denied).",
 			"protocol", "service", "reason"),
-		timeouts: f.counter("timeouts_total", "Requests ended by a timeout, by kind (body_read).", "protocol", "service", "kind"),
-		pool:     newPoolMetrics(f, latency),
+		timeouts:  f.counter("timeouts_total", "Requests ended by a timeout, by kind (body_read).", "protocol", "service", "kind"),
+		pool:      newPoolMetrics(f, latency),
+		workloads: newWorkloadMetrics(f),
 	}
 	m.names = names
 	return m

@@ -88,6 +88,11 @@ type Env struct {
 	// OwnAddrs lists every address credproxy listens on: the admin server
 	// and every service, the caller's own listener among them.
 	OwnAddrs func() []net.Addr
+	// Workload is set when the services are built for one pod's own
+	// listeners (DaemonSet mode, workloads): Credentials is then that
+	// workload's own store, and handlers admit connections, check what
+	// they use and audit through it. Nil otherwise.
+	Workload *WorkloadPolicy
 }
 
 // Protocol builds the services of one protocol from the config. The

@@ -45,6 +45,9 @@ func (s *Server) reload(cfg *config.Config) error {
 	if stopped {
 		return errors.New("not running")
 	}
+	if (s.cfg.Workloads == nil) != (cfg.Workloads == nil) {
+		return errors.New("workloads: adding or removing the workloads block needs a restart")
+	}
 	if !reflect.DeepEqual(s.cfg.Admin, cfg.Admin) {
 		s.log.Warn("admin settings changed; they take effect at the next restart")
 	}
@@ -84,7 +87,13 @@ func (s *Server) reload(cfg *config.Config) error {
 
 	// Commit.
 	s.store.Update(b.sources, changedSecrets)
+	podsChanged := s.pods != nil && workloadsChanged(s.cfg, cfg)
 	s.commit(b)
+	if podsChanged {
+		if err := s.pods.reconfigure(cfg, cfg.ShutdownGrace.D()); err != nil {
+			s.log.Error("config reloaded, but some pods could not be given their new listeners", zap.Error(err))
+		}
+	}
 	var kept, changed, removed int
 	s.mu.Lock()
 	for key, l := range current {

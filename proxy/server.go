@@ -54,7 +54,12 @@ type Server struct {
 	audits   []*audit.Writer            // every audit file opened, closed at Close
 	closers  []func() error             // every handler with resources of its own
 	limits   map[string]*limit.Listener // each listener's counters, by Service.key
+	share    int                        // Env.Share of the running config
 	budget   *limit.Budget              // the process's open-file budget, shared by every listener
+	// pods are DaemonSet mode's published pods (nil without workloads);
+	// files are what the config's services were built from, in that mode.
+	pods  *podSet
+	files []string
 
 	mu         sync.Mutex
 	listeners  map[string]*listener // by Service.key
@@ -91,6 +96,12 @@ func New(cfg *config.Config, log *zap.Logger, o Options) (*Server, error) {
 	}
 	s.store = credentials.NewStore(b.sources, opts)
 	s.commit(b)
+	if cfg.Workloads != nil {
+		if s.pods, err = newPodSet(s, cfg); err != nil {
+			s.Close()
+			return nil, err
+		}
+	}
 	return s, nil
 }
 
@@ -225,6 +236,10 @@ func (s *Server) Close() error {
 		// login short, and it closes rather than serves the listeners it
 		// bound, since draining is set.
 		s.reloadMu.Lock()
+		if s.pods != nil {
+			revoke := s.cfg.Vault == nil || s.cfg.Vault.RevokeOnShutdown == nil || *s.cfg.Vault.RevokeOnShutdown
+			s.pods.closeAll(revoke)
+		}
 		for _, c := range s.closers {
 			_ = c()
 		}
@@ -255,6 +270,9 @@ func (s *Server) stopAccepting() {
 		ls = append(ls, l)
 	}
 	s.mu.Unlock()
+	if s.pods != nil {
+		s.pods.stopAccepting(s.pods.snapshot())
+	}
 	for _, l := range ls {
 		l.ln.Close()
 		<-l.done

@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -101,6 +102,9 @@ func Watch(ctx context.Context, log *zap.Logger, files func() []string, reload f
 func (s *Server) ReferencedFiles(path string) []string {
 	s.mu.Lock()
 	svcs := s.svcs
+	if len(s.files) > 0 {
+		svcs = append(slices.Clone(svcs), Service{Files: s.files})
+	}
 	s.mu.Unlock()
 	return referencedFiles(path, s.Config(), svcs)
 }

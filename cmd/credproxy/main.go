@@ -194,6 +194,11 @@ func serve(cfg *config.Config, path string, watch bool, log *zap.Logger) error {
 		srv.Close()
 		return err
 	}
+	stopAttribution, err := startAttribution(cfg, srv, log)
+	if err != nil {
+		srv.Close()
+		return err
+	}
 	log.Info("credproxy started", zap.String("version", version), zap.String("config", path))
 
 	sigs := make(chan os.Signal, 2)
@@ -267,6 +272,7 @@ func serve(cfg *config.Config, path string, watch bool, log *zap.Logger) error {
 			}
 		}
 	}()
+	stopAttribution() // no more pods published while draining
 	err = srv.Shutdown(sctx, srv.Config().ShutdownGrace.D())
 	close(done)
 	log.Info("credproxy stopped")

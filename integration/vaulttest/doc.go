@@ -125,11 +125,15 @@
 //     namespaces beyond root, no response wrapping, no identity store
 //     (entity_id is empty, no identity policies, no policy templating),
 //     no cubbyhole or identity mounts, no plugin catalog.
-//   - Kubernetes auth cannot call a TokenReview API. It requires the real
-//     config field pem_keys and treats a token whose signature verifies
-//     against them, and whose claims pass the role's bound service account
-//     names and namespaces (and audience), as reviewed. kubernetes_host is
-//     required and stored but never contacted.
+//   - Kubernetes auth reviews a login JWT as the plugin does: with the
+//     TokenReview API at kubernetes_host (trusting kubernetes_ca_cert,
+//     authenticated with token_reviewer_jwt or else the login JWT itself),
+//     for the role's audience, then binds the reviewed service account to
+//     the role's names and namespaces (integration/kubetest runs a real
+//     API server for it). With the config field pem_keys set it verifies
+//     the signature offline instead and never contacts kubernetes_host.
+//     Alias names, disable_local_ca_jwt and the local CA/JWT files of a
+//     pod are not implemented.
 //   - JWT auth supports jwt_validation_pubkeys only (no OIDC discovery or
 //     JWKS URL, no OIDC flows, no groups).
 //   - Only the postgresql-database-plugin exists; static roles, root

@@ -750,7 +750,7 @@ func (k *kubernetesAuth) login(r *request) (*response, error) {
 		return nil, errors.New("could not load backend configuration")
 	}
 	if len(cfg.keys) == 0 {
-		return nil, fmt.Errorf("vaulttest: kubernetes auth needs pem_keys: it cannot call the TokenReview API at %s", cfg.host)
+		return k.loginReviewed(r, cfg, role, roleName, raw)
 	}
 	claims, all, parseErr, sigErr := verifySigned(raw, allSigningAlgs[:9], cfg.keys)
 	if parseErr != nil {
@@ -790,6 +790,44 @@ func (k *kubernetesAuth) login(r *request) (*response, error) {
 		"role":                        roleName,
 	}
 	l := &loginSpec{displayName: sa.namespace + "-" + sa.name, metadata: metadata, internal: map[string]any{"role": roleName}}
+	role.token.login(l)
+	return &response{login: l}, nil
+}
+
+// loginReviewed is login with a TokenReview against kubernetes_host (no
+// pem_keys): the plugin's default.
+func (k *kubernetesAuth) loginReviewed(r *request, cfg *k8sConfig, role *k8sRole, roleName, raw string) (*response, error) {
+	all, err := unverifiedClaims(raw)
+	if err != nil {
+		return nil, coded(http.StatusForbidden, "%s", err)
+	}
+	claimed := saFromClaims(all)
+	// The role's bounds are checked first on the claims, as the plugin
+	// does, then the review decides.
+	if !(len(role.names) == 1 && role.names[0] == "*") && !globAny(role.names, claimed.name) {
+		return nil, coded(http.StatusForbidden, "service account name not authorized")
+	}
+	if !(role.namespaces[0] == "*" || globAny(role.namespaces, claimed.namespace)) {
+		return nil, coded(http.StatusForbidden, "namespace not authorized")
+	}
+	rv, err := cfg.review(r.ctx, raw, strings.TrimSpace(role.audience))
+	if err != nil {
+		return nil, coded(http.StatusForbidden, "%s", err)
+	}
+	if rv.namespace != claimed.namespace || rv.name != claimed.name || (claimed.uid != "" && rv.uid != claimed.uid) {
+		return nil, coded(http.StatusForbidden, "lookup failed: service account name, namespace or uid did not match")
+	}
+	metadata := map[string]string{
+		"service_account_uid":       rv.uid,
+		"service_account_name":      rv.name,
+		"service_account_namespace": rv.namespace,
+		"role":                      roleName,
+	}
+	if rv.podName != "" {
+		metadata["service_account_pod_name"] = rv.podName
+		metadata["service_account_pod_uid"] = rv.podUID
+	}
+	l := &loginSpec{displayName: rv.namespace + "-" + rv.name, metadata: metadata, internal: map[string]any{"role": roleName}}
 	role.token.login(l)
 	return &response{login: l}, nil
 }

@@ -24,8 +24,9 @@ import (
 // WebSocket) returned.
 type clientConn struct {
 	*proxy.CountingConn
-	id     string
-	client audit.Client
+	id       string
+	client   audit.Client
+	workload *audit.Workload // DaemonSet mode: the pod
 
 	once     sync.Once
 	closeErr error

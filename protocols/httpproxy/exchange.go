@@ -246,6 +246,9 @@ func (x *exchange) decide(req *http.Request) *http.Response {
 		}
 		x.host, x.port, x.service = host, port, host
 		x.route = p.routes.match(host, port, def)
+		if err := p.workloadAllows(x.route); err != nil {
+			return x.refuse(http.StatusForbidden, err.Reason, "credproxy: "+err.Msg, false)
+		}
 		if x.route == nil {
 			if p.tunnelDefault {
 				x.scheme = requested
@@ -506,7 +509,8 @@ func (x *exchange) finish() {
 	// exchange: one allocation a request rather than five.
 	a := &x.audited
 	rec := &a.rec
-	*rec = audit.Record{Event: audit.EventRequest, SessionID: x.conn.id, Protocol: protocolName, Service: x.service, Client: x.conn.client}
+	*rec = audit.Record{Event: audit.EventRequest, SessionID: x.conn.id, Protocol: protocolName, Service: x.service, Client: x.conn.client,
+		Workload: x.conn.workload}
 	rec.Method, rec.Host, rec.Path, rec.Status = method, host, path, status
 	injected := x.injected
 	a.injected = injected
@@ -531,7 +535,8 @@ func (x *exchange) finish() {
 }
 
 func (x *exchange) record(event string) *audit.Record {
-	return &audit.Record{Event: event, SessionID: x.conn.id, Protocol: protocolName, Service: x.service, Client: x.conn.client}
+	return &audit.Record{Event: event, SessionID: x.conn.id, Protocol: protocolName, Service: x.service, Client: x.conn.client,
+		Workload: x.conn.workload}
 }
 
 // redactedHeaders logs header names with every value REDACTED.

@@ -69,6 +69,7 @@ func (p *Protocol) Build(cfg *config.Config, env proxy.Env) ([]proxy.Service, er
 		Metrics:     env.Metrics,
 		DialContext: p.dial,
 		OwnAddrs:    env.OwnAddrs,
+		Workload:    env.Workload,
 	})
 	if err != nil {
 		return nil, err

@@ -77,6 +77,10 @@ type Options struct {
 	// tunnel never passes through to.
 	OwnAddrs func() []net.Addr
 
+	// Workload is the pod this proxy serves in DaemonSet mode: routes it
+	// is not allowed are refused, and records carry it. Nil otherwise.
+	Workload *proxy.WorkloadPolicy
+
 	// For tests: certificate lifetime and how often certmagic looks for
 	// certificates to renew.
 	certValidity  time.Duration
@@ -102,6 +106,8 @@ type Proxy struct {
 	log           *zap.Logger
 	metrics       *proxy.Metrics // nil-safe
 	tunnelDefault bool
+	workload      *proxy.WorkloadPolicy
+	auditWL       *audit.Workload
 
 	dial        dialFunc
 	upstreamTLS *tls.Config     // every upstream TLS connection's (upstream.go)
@@ -172,6 +178,8 @@ func New(opts Options) (*Proxy, error) {
 	p := &Proxy{
 		cfg: cfg, routes: routes, creds: opts.Credentials, audit: opts.Audit, log: opts.Logger, metrics: opts.Metrics,
 		tunnelDefault: cfg.Default == "tunnel",
+		workload:      opts.Workload,
+		auditWL:       opts.Workload.AuditWorkload(),
 		dial:          opts.DialContext,
 		limits:        opts.Limits,
 		outerLn:       newConnListener(), innerLn: newConnListener(),
@@ -337,7 +345,11 @@ func (p *Proxy) ServeConn(ctx context.Context, conn net.Conn, sessionID string) 
 		return p.refuseConn(conn, sessionID)
 	}
 	defer p.limits.Conns.Release()
+	if err := p.workload.Admit(conn); err != nil {
+		return p.refuseWorkload(conn, sessionID, err)
+	}
 	c := newClientConn(conn, sessionID)
+	c.workload = p.auditWL
 	p.mu.Lock()
 	if p.closing {
 		p.mu.Unlock()

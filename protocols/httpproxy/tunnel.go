@@ -72,6 +72,10 @@ func (p *Proxy) onConnect(target string, pctx *goproxy.ProxyCtx) (*goproxy.Conne
 	}
 	x.host, x.port, x.service = host, port, host
 	x.route = p.routes.match(host, port, portHTTPS)
+	if err := p.workloadAllows(x.route); err != nil {
+		pctx.Resp = x.refuse(http.StatusForbidden, err.Reason, "credproxy: "+err.Msg+"; no tunnel opened", true)
+		return rejectConnect, target
+	}
 	if x.route == nil {
 		if p.tunnelDefault {
 			return &goproxy.ConnectAction{Action: goproxy.ConnectHijack, Hijack: p.passThrough(x)}, target

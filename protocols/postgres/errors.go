@@ -8,6 +8,9 @@ import (
 	"strings"
 
 	"github.com/jackc/pgproto3/v2"
+
+	"github.com/credproxy/credproxy/identity"
+	"github.com/credproxy/credproxy/proxy"
 )
 
 // failKind says why a session could not be established. It decides the
@@ -22,19 +25,22 @@ type failKind uint8
 // audit log's `reason`, and the `kind` label that the dashboard and the
 // alert rules in deploy/monitoring use. Add kinds; never reword one.
 const (
-	failInternal    failKind = iota
-	failBadStartup           // the app's startup was broken, stalled or not supported
-	failTooMany              // over max_sessions, max_handshakes or the open-file budget
-	failCredential           // the credential could not be had or lacks a field
-	failUnreachable          // the upstream did not accept the TCP connection
-	failTimeout              // the upstream accepted it, then did not finish the handshake in time
-	failTLS                  // upstream TLS refused or failed
-	failAuth                 // the upstream refused the injected credential
-	failRefused              // the upstream refused the session otherwise; its error is passed on
-	failProtocol             // the upstream broke the protocol during the handshake
-	failShutdown             // credproxy shut down during the handshake
-	failReplication          // a replication connection to a service without allow_replication
-	failClientTLS            // plaintext to a service whose client_tls requires TLS
+	failInternal     failKind = iota
+	failBadStartup            // the app's startup was broken, stalled or not supported
+	failTooMany               // over max_sessions, max_handshakes or the open-file budget
+	failCredential            // the credential could not be had or lacks a field
+	failUnreachable           // the upstream did not accept the TCP connection
+	failTimeout               // the upstream accepted it, then did not finish the handshake in time
+	failTLS                   // upstream TLS refused or failed
+	failAuth                  // the upstream refused the injected credential
+	failRefused               // the upstream refused the session otherwise; its error is passed on
+	failProtocol              // the upstream broke the protocol during the handshake
+	failShutdown              // credproxy shut down during the handshake
+	failReplication           // a replication connection to a service without allow_replication
+	failClientTLS             // plaintext to a service whose client_tls requires TLS
+	failUnattributed          // DaemonSet mode: the connection could not be tied to its socket's pod
+	failPeerMismatch          // DaemonSet mode: the process behind it is not in its socket's pod
+	failNotAllowed            // DaemonSet mode: no workloads rule allows the pod this service
 )
 
 // failInfo is what a kind decides.
@@ -61,6 +67,11 @@ var failInfos = [...]failInfo{
 	failShutdown:    {"shutdown", KindShutdown, false},
 	failReplication: {"replication not allowed", KindReplicationRefused, true},
 	failClientTLS:   {"client TLS required", KindClientTLSRequired, false},
+	// The reasons are proxy.WorkloadError's (identity.Reason*), shared
+	// with the HTTP proxy.
+	failUnattributed: {identity.ReasonUnattributed, KindUnattributed, true},
+	failPeerMismatch: {identity.ReasonPeerMismatch, KindPeerMismatch, true},
+	failNotAllowed:   {identity.ReasonNotAllowed, KindWorkloadNotAllowed, true},
 }
 
 func (k failKind) info() failInfo {
@@ -86,6 +97,7 @@ func kindOf(err error) failKind {
 		ue *upstreamError
 		se *startupError
 		tm *tooManyError
+		we *proxy.WorkloadError
 	)
 	switch {
 	case errors.As(err, &ue):
@@ -94,8 +106,21 @@ func kindOf(err error) failKind {
 		return se.failKind()
 	case errors.As(err, &tm):
 		return failTooMany
+	case errors.As(err, &we):
+		return workloadKind(we)
 	}
 	return failInternal
+}
+
+// workloadKind is a DaemonSet-mode refusal's kind, from its reason.
+func workloadKind(we *proxy.WorkloadError) failKind {
+	switch we.Reason {
+	case identity.ReasonPeerMismatch:
+		return failPeerMismatch
+	case identity.ReasonNotAllowed:
+		return failNotAllowed
+	}
+	return failUnattributed
 }
 
 // isTimeout reports whether err is a deadline running out: one of the

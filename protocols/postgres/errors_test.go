@@ -25,19 +25,22 @@ import (
 // is a deliberate change to this table too.
 func TestFailKindsPinned(t *testing.T) {
 	want := map[failKind]failInfo{
-		failInternal:    {"internal error", "internal", true},
-		failBadStartup:  {"bad startup", "bad_startup", false},
-		failTooMany:     {"too many clients", "too_many_clients", false},
-		failCredential:  {"credential unavailable", "credential_unavailable", true},
-		failUnreachable: {"upstream unreachable", "upstream_unreachable", true},
-		failTimeout:     {"upstream timeout", "upstream_timeout", true},
-		failTLS:         {"upstream TLS failed", "upstream_tls", true},
-		failAuth:        {"upstream auth failed", "upstream_auth", true},
-		failRefused:     {"upstream error", "upstream_error", true},
-		failProtocol:    {"upstream protocol error", "upstream_protocol", true},
-		failShutdown:    {"shutdown", "shutdown", false},
-		failReplication: {"replication not allowed", "replication_refused", true},
-		failClientTLS:   {"client TLS required", "client_tls_required", false},
+		failInternal:     {"internal error", "internal", true},
+		failBadStartup:   {"bad startup", "bad_startup", false},
+		failTooMany:      {"too many clients", "too_many_clients", false},
+		failCredential:   {"credential unavailable", "credential_unavailable", true},
+		failUnreachable:  {"upstream unreachable", "upstream_unreachable", true},
+		failTimeout:      {"upstream timeout", "upstream_timeout", true},
+		failTLS:          {"upstream TLS failed", "upstream_tls", true},
+		failAuth:         {"upstream auth failed", "upstream_auth", true},
+		failRefused:      {"upstream error", "upstream_error", true},
+		failProtocol:     {"upstream protocol error", "upstream_protocol", true},
+		failShutdown:     {"shutdown", "shutdown", false},
+		failReplication:  {"replication not allowed", "replication_refused", true},
+		failClientTLS:    {"client TLS required", "client_tls_required", false},
+		failUnattributed: {"unattributed", "unattributed", true},
+		failPeerMismatch: {"peer mismatch", "peer_mismatch", true},
+		failNotAllowed:   {"workload not allowed", "workload_not_allowed", true},
 	}
 	if len(want) != len(failInfos) {
 		t.Fatalf("%d kinds, %d pinned: pin the new ones here", len(failInfos), len(want))

@@ -45,6 +45,10 @@ type Options struct {
 	// Budget is the process's open-file budget (nil: none), which every
 	// app connection takes a place in for as long as it is open.
 	Budget *limit.Budget
+	// Workload is the pod this handler serves in DaemonSet mode: each
+	// connection is admitted by it and each record carries it. Nil
+	// otherwise.
+	Workload *proxy.WorkloadPolicy
 }
 
 // Handler serves app connections for one configured Postgres service.
@@ -58,6 +62,8 @@ type Handler struct {
 	obs          *proxy.Metrics // counts sessions; nil-safe
 	limits       *limit.Listener
 	budget       *limit.Budget
+	workload     *proxy.WorkloadPolicy
+	auditWL      *audit.Workload
 
 	tls       *tls.Config // to the upstream; nil for mode disable
 	clientTLS *tls.Config // offered to apps; nil when not configured
@@ -78,6 +84,8 @@ func NewHandler(o Options) (*Handler, error) {
 		obs:          o.Metrics,
 		limits:       o.Limits,
 		budget:       o.Budget,
+		workload:     o.Workload,
+		auditWL:      o.Workload.AuditWorkload(),
 		keepAlive:    30 * time.Second,
 	}
 	if h.limits == nil {
@@ -281,6 +289,14 @@ func (s *session) run(ctx context.Context) error {
 	if err != nil || params == nil {
 		return err
 	}
+	// DaemonSet mode: the connection must come from the socket's pod, and
+	// the pod must be allowed the service.
+	if err := h.workload.Admit(s.client.Conn); err != nil {
+		return s.deny(err, out)
+	}
+	if err := h.workload.Allowed(h.cfg.Name); err != nil {
+		return s.deny(err, out)
+	}
 	if err := s.takeSession(); err != nil {
 		return s.deny(err, out)
 	}
@@ -448,7 +464,7 @@ func (s *session) appendHandover(dst []byte, up *upstream, key *pgproto3.Backend
 func (s *session) record(event string) *audit.Record {
 	return &audit.Record{
 		Event: event, SessionID: s.id, Protocol: protocolName, Service: s.h.cfg.Name,
-		Client: s.clientInfo,
+		Client: s.clientInfo, Workload: s.h.auditWL,
 	}
 }
 
@@ -495,6 +511,10 @@ func clientError(err error) (*pgproto3.ErrorResponse, failKind) {
 		return fatal(codeTooManyConnections, "credproxy: "+tm.Error()), failTooMany
 	case errors.As(err, &se):
 		return fatal(se.code, "credproxy: "+se.msg), se.failKind()
+	}
+	var we *proxy.WorkloadError
+	if errors.As(err, &we) {
+		return fatal(codeInvalidAuthorization, "credproxy: "+we.Msg), workloadKind(we)
 	}
 	return fatal(codeInternalError, "credproxy: "+err.Error()), failInternal
 }

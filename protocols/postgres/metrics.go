@@ -30,6 +30,9 @@ const (
 	KindShutdown              = "shutdown"
 	KindReplicationRefused    = "replication_refused"
 	KindClientTLSRequired     = "client_tls_required"
+	KindUnattributed          = "unattributed"
+	KindPeerMismatch          = "peer_mismatch"
+	KindWorkloadNotAllowed    = "workload_not_allowed"
 )
 
 // denied counts a session refused before it started, by the kind of its

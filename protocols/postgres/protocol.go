@@ -73,6 +73,7 @@ func (p *Protocol) Build(cfg *config.Config, env proxy.Env) ([]proxy.Service, er
 			Cancels:      p.cancels,
 			Logger:       env.Logger.Named("postgres").With(zap.String("service", pc.Name)),
 			Metrics:      env.Metrics,
+			Workload:     env.Workload,
 		})
 		if err != nil {
 			return nil, err

@@ -43,6 +43,18 @@ type Client struct {
 	Identity string `json:"identity,omitempty"`
 }
 
+// Workload is the pod a DaemonSet credproxy served the session for, and
+// how the connection was tied to it (attribution: csi, csi+peercred,
+// netns).
+type Workload struct {
+	Namespace      string `json:"namespace"`
+	ServiceAccount string `json:"service_account"`
+	Pod            string `json:"pod"`
+	PodUID         string `json:"pod_uid"`
+	Node           string `json:"node"`
+	Attribution    string `json:"attribution"`
+}
+
 // Lease identifies a leased credential without revealing its id.
 type Lease struct {
 	IDSHA256 string `json:"id_sha256"`
@@ -66,6 +78,8 @@ type Record struct {
 	Protocol  string    `json:"protocol"`
 	Service   string    `json:"service"`
 	Client    Client    `json:"client"`
+	// Workload: in DaemonSet mode (workloads), the pod.
+	Workload *Workload `json:"workload,omitempty"`
 
 	// session_start
 	Upstream   string `json:"upstream,omitempty"`

@@ -46,6 +46,17 @@ type VaultClient struct {
 
 // NewVaultClient configures a client; nothing is sent until Start.
 func NewVaultClient(c config.Vault, log *zap.Logger) (*VaultClient, error) {
+	login, err := identity.NewVaultLogin(c.Auth)
+	if err != nil {
+		return nil, err
+	}
+	return NewVaultClientWithLogin(c, login, log)
+}
+
+// NewVaultClientWithLogin is NewVaultClient logging in with login rather
+// than c.Auth: DaemonSet mode logs in as each workload, with its pod's
+// token.
+func NewVaultClientWithLogin(c config.Vault, login identity.VaultLogin, log *zap.Logger) (*VaultClient, error) {
 	vc := vault.DefaultConfig()
 	vc.Address = c.Address
 	timeout := c.RequestTimeout.D()
@@ -69,10 +80,6 @@ func NewVaultClient(c config.Vault, log *zap.Logger) (*VaultClient, error) {
 	api.ClearToken() // never pick up $VAULT_TOKEN implicitly; the token method reads it explicitly
 	if c.Namespace != "" {
 		api.SetNamespace(c.Namespace)
-	}
-	login, err := identity.NewVaultLogin(c.Auth)
-	if err != nil {
-		return nil, err
 	}
 	ctx, stop := context.WithCancel(context.Background())
 	return &VaultClient{api: api, login: login, log: log.Named("vault"), timeout: timeout,
@@ -103,6 +110,21 @@ func (v *VaultClient) Start(ctx context.Context) {
 func (v *VaultClient) Close() {
 	v.stop()
 	v.wg.Wait()
+}
+
+// RevokeToken revokes the token the client logged in for (revoke-self),
+// which ends every lease it created. For logins credproxy made on its own
+// behalf (a workload's): a token given to credproxy is not its to end.
+func (v *VaultClient) RevokeToken(ctx context.Context) error {
+	v.mu.Lock()
+	loggedIn := v.loggedIn
+	v.mu.Unlock()
+	if !loggedIn {
+		return nil
+	}
+	return v.call(ctx, func(ctx context.Context, c *vault.Client) error {
+		return c.Auth().Token().RevokeSelfWithContext(ctx, "")
+	})
 }
 
 // Ready reports whether credproxy holds a valid Vault token, and if not why.

@@ -68,27 +68,25 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/*
 Listeners. In a pod (sidecar) the proxies listen on loopback, reachable only by
 the pod's own containers; the admin listener is on all addresses for probes and
-Prometheus. On a node (daemonset) everything listens on the node's IP.
+Prometheus. On a node (daemonset) the proxies listen in each app pod: its own
+sockets in its CSI volume, and loopback in its own network namespace; the
+admin listener is on credproxy's pod IP.
 */}}
 {{- define "credproxy.adminListen" -}}
-{{- if and (eq .Values.mode "daemonset") .Values.daemonset.nodeIP -}}
-${HOST_IP}:{{ int .Values.admin.port }}
+{{- if eq .Values.mode "daemonset" -}}
+${POD_IP}:{{ int .Values.admin.port }}
 {{- else -}}
 0.0.0.0:{{ int .Values.admin.port }}
 {{- end }}
 {{- end }}
 
 {{- define "credproxy.httpListen" -}}
-{{- if eq .Values.mode "daemonset" -}}
-${HOST_IP}:{{ int .Values.http.port }}
-{{- else -}}
 127.0.0.1:{{ int .Values.http.port }}
 {{- end }}
-{{- end }}
 
-{{/* Whether Vault credentials are mounted: "true" or "". */}}
+{{/* Whether Vault credentials are mounted: "true" or "". A DaemonSet logs in as each app pod, never as itself. */}}
 {{- define "credproxy.vaultCredentials" -}}
-{{- if and .Values.vault.address (or (has .Values.vault.auth.method (list "kubernetes" "jwt")) .Values.vault.auth.secretName) -}}
+{{- if and .Values.vault.address (ne .Values.mode "daemonset") (or (has .Values.vault.auth.method (list "kubernetes" "jwt")) .Values.vault.auth.secretName) -}}
 true
 {{- end }}
 {{- end }}
@@ -103,11 +101,8 @@ the YAML; credproxy then checks it strictly (unknown keys are errors).
 {{- if and (not $v.postgres) (not $v.http.enabled) -}}
 {{- fail "credproxy: configure at least one postgres entry or set http.enabled" -}}
 {{- end -}}
-{{- if and $ds (not $v.daemonset.socket) (not $v.daemonset.nodeIP) -}}
-{{- fail "credproxy: daemonset mode needs daemonset.socket or daemonset.nodeIP" -}}
-{{- end -}}
-{{- if and $ds $v.http.enabled (not $v.daemonset.nodeIP) -}}
-{{- fail "credproxy: in daemonset mode the HTTP proxy listens on the node IP: set daemonset.nodeIP" -}}
+{{- if and $ds (not $v.daemonset.rules) -}}
+{{- fail "credproxy: daemonset mode refuses every pod no rule matches: list at least one in daemonset.rules" -}}
 {{- end -}}
 {{- $cfg := dict "shutdown_grace" ($v.shutdownGrace | default (ternary "30s" "10s" $ds)) "admin" (dict "listen" (include "credproxy.adminListen" .)) "audit" $v.audit "secrets" $v.secrets -}}
 {{- if $v.vault.address -}}
@@ -117,6 +112,8 @@ the YAML; credproxy then checks it strictly (unknown keys are errors).
 {{- $_ := unset $vault $k -}}
 {{- end -}}
 {{- end -}}
+{{- $_ := set $cfg "vault" $vault -}}
+{{- if not $ds -}}
 {{- $auth := dict "method" $v.vault.auth.method -}}
 {{- if $v.vault.auth.mount -}}
 {{- $_ := set $auth "mount" $v.vault.auth.mount -}}
@@ -137,19 +134,15 @@ the YAML; credproxy then checks it strictly (unknown keys are errors).
 {{- $_ := set $auth "token_file" "/var/run/secrets/vault/token" -}}
 {{- end -}}
 {{- $_ := set $vault "auth" $auth -}}
-{{- $_ := set $cfg "vault" $vault -}}
+{{- end -}}
 {{- end -}}
 {{- $pg := list -}}
 {{- range $v.postgres -}}
 {{- $port := int (default 5432 (get . "port")) -}}
 {{- $base := omit . "port" -}}
 {{- if $ds -}}
-{{- if $v.daemonset.socket -}}
-{{- $pg = append $pg (merge (dict "listen" (printf "unix:%s/.s.PGSQL.%d" $v.daemonset.socketDir $port) "socket_mode" "0600") $base) -}}
-{{- end -}}
-{{- if $v.daemonset.nodeIP -}}
-{{- $pg = append $pg (merge (dict "name" (printf "%s-node" .name) "listen" (printf "${HOST_IP}:%d" $port)) $base) -}}
-{{- end -}}
+{{- /* A socket in each app pod's own directory. */ -}}
+{{- $pg = append $pg (merge (dict "listen" (printf "unix:.s.PGSQL.%d" $port)) $base) -}}
 {{- else -}}
 {{- $pg = append $pg (merge (dict "listen" (printf "127.0.0.1:%d" $port)) $base) -}}
 {{- end -}}
@@ -160,14 +153,14 @@ the YAML; credproxy then checks it strictly (unknown keys are errors).
 {{- if $v.http.enabled -}}
 {{- $ca := dict "cert_file" "/var/run/secrets/credproxy/ca/ca.pem" "key_file" "/var/run/secrets/credproxy/ca/ca-key.pem" -}}
 {{- $http := dict "listen" (include "credproxy.httpListen" .) "ca" $ca "default" $v.http.default "routes" $v.http.routes -}}
-{{- if $ds -}}
-{{- /* On the node's IP, not loopback: credproxy refuses that without this opt-in. */ -}}
-{{- $_ := set $http "allow_non_loopback" true -}}
-{{- end -}}
 {{- if $v.http.upstream_ca_file -}}
 {{- $_ := set $http "upstream_ca_file" $v.http.upstream_ca_file -}}
 {{- end -}}
 {{- $_ := set $cfg "http" $http -}}
+{{- end -}}
+{{- if $ds -}}
+{{- $csi := dict "endpoint" "unix:/csi/csi.sock" "driver" $v.daemonset.driver "audience" $v.daemonset.audience "state_dir" $v.daemonset.stateDir -}}
+{{- $_ := set $cfg "workloads" (dict "attribution" "csi" "node_name" "${NODE_NAME}" "peer_check" $v.daemonset.peerCheck "csi" $csi "rules" $v.daemonset.rules) -}}
 {{- end -}}
 {{- toYaml $cfg -}}
 {{- end }}
@@ -188,11 +181,17 @@ checksum/config: {{ include "credproxy.config" . | sha256sum }}
 {{- end }}
 
 {{- define "credproxy.podSecurityContext" -}}
+{{- if eq .Values.mode "daemonset" -}}
+# The node plugin runs as root (its container says so); the registrar too.
+seccompProfile:
+  type: RuntimeDefault
+{{- else -}}
 runAsNonRoot: true
 # Secret, ConfigMap and token files are group-readable by credproxy's group.
 fsGroup: 65532
 seccompProfile:
   type: RuntimeDefault
+{{- end }}
 {{- end }}
 
 {{- define "credproxy.probes" -}}
@@ -239,31 +238,21 @@ args:
 {{- if or (eq .Values.mode "daemonset") .Values.env }}
 env:
   {{- if eq .Values.mode "daemonset" }}
-  # ${HOST_IP} in credproxy.yaml.
-  - name: HOST_IP
+  # ${NODE_NAME} and ${POD_IP} in credproxy.yaml.
+  - name: NODE_NAME
     valueFrom:
       fieldRef:
-        fieldPath: status.hostIP
+        fieldPath: spec.nodeName
+  - name: POD_IP
+    valueFrom:
+      fieldRef:
+        fieldPath: status.podIP
   {{- end }}
   {{- with .Values.env }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
 {{- end }}
 ports:
-  {{- if eq .Values.mode "daemonset" }}
-  {{- if .Values.daemonset.nodeIP }}
-  {{- range $i, $pg := .Values.postgres }}
-  - name: {{ printf "postgres-%d" $i }}
-    containerPort: {{ int (default 5432 (get $pg "port")) }}
-    protocol: TCP
-  {{- end }}
-  {{- end }}
-  {{- if .Values.http.enabled }}
-  - name: http-proxy
-    containerPort: {{ int .Values.http.port }}
-    protocol: TCP
-  {{- end }}
-  {{- end }}
   - name: credproxy-admin
     containerPort: {{ int .Values.admin.port }}
     protocol: TCP
@@ -271,6 +260,14 @@ ports:
 resources:
   {{- toYaml .Values.resources | nindent 2 }}
 securityContext:
+  {{- if eq .Values.mode "daemonset" }}
+  # Mounts into the kubelet's pod directories (Bidirectional propagation
+  # needs privileged), enters pods' network namespaces, reads the node's
+  # processes (hostPID). The root filesystem stays read-only.
+  privileged: true
+  runAsUser: 0
+  readOnlyRootFilesystem: true
+  {{- else }}
   runAsNonRoot: true
   runAsUser: 65532
   runAsGroup: 65532
@@ -280,6 +277,7 @@ securityContext:
     drop: [ALL]
   seccompProfile:
     type: RuntimeDefault
+  {{- end }}
 volumeMounts:
   - name: credproxy-config
     mountPath: /etc/credproxy
@@ -294,9 +292,17 @@ volumeMounts:
     mountPath: /var/run/secrets/vault
     readOnly: true
   {{- end }}
-  {{- if and (eq .Values.mode "daemonset") .Values.daemonset.socket }}
-  - name: socket-dir
-    mountPath: {{ .Values.daemonset.socketDir }}
+  {{- if eq .Values.mode "daemonset" }}
+  - name: kube-api-access
+    mountPath: /var/run/secrets/kubernetes.io/serviceaccount
+    readOnly: true
+  - name: plugin-dir
+    mountPath: /csi
+  - name: mountpoint-dir
+    mountPath: {{ printf "%s/pods" .Values.daemonset.kubeletDir }}
+    mountPropagation: Bidirectional
+  - name: state-dir
+    mountPath: {{ .Values.daemonset.stateDir }}
   {{- end }}
 {{- end }}
 
@@ -374,10 +380,45 @@ restartPolicy: Always
         path: token
   {{- end }}
 {{- end }}
-{{- if and (eq .Values.mode "daemonset") .Values.daemonset.socket }}
-- name: socket-dir
+{{- if eq .Values.mode "daemonset" }}
+# The API client's token (credproxy reads the node's pods), for credproxy's
+# container only: the registrar gets none.
+- name: kube-api-access
+  projected:
+    defaultMode: 0440
+    sources:
+      - serviceAccountToken:
+          expirationSeconds: 3600
+          path: token
+      - configMap:
+          name: kube-root-ca.crt
+          items:
+            - key: ca.crt
+              path: ca.crt
+      - downwardAPI:
+          items:
+            - path: namespace
+              fieldRef:
+                fieldPath: metadata.namespace
+# The plugin's socket, which the kubelet calls.
+- name: plugin-dir
   hostPath:
-    path: {{ .Values.daemonset.socketDir }}
+    path: {{ printf "%s/plugins/%s" .Values.daemonset.kubeletDir .Values.daemonset.driver }}
+    type: DirectoryOrCreate
+# Where node-driver-registrar registers the plugin with the kubelet.
+- name: registration-dir
+  hostPath:
+    path: {{ printf "%s/plugins_registry" .Values.daemonset.kubeletDir }}
+    type: Directory
+# The kubelet's pod directories: each app pod's volume is bind-mounted there.
+- name: mountpoint-dir
+  hostPath:
+    path: {{ printf "%s/pods" .Values.daemonset.kubeletDir }}
+    type: DirectoryOrCreate
+# The app pods' own directories, holding their sockets.
+- name: state-dir
+  hostPath:
+    path: {{ .Values.daemonset.stateDir }}
     type: DirectoryOrCreate
 {{- end }}
 {{- end }}
@@ -386,9 +427,16 @@ restartPolicy: Always
 {{- define "credproxy.appEnv" -}}
 {{- $first := first .Values.postgres }}
 {{- if $first }}
+{{- if eq .Values.mode "daemonset" }}
+# PostgreSQL through credproxy: a directory, where libpq finds
+# .s.PGSQL.$PGPORT, this pod's own socket. No password anywhere.
+- name: PGHOST
+  value: {{ .Values.daemonset.mountPath }}
+{{- else }}
 # PostgreSQL through credproxy, on loopback: no password anywhere.
 - name: PGHOST
   value: 127.0.0.1
+{{- end }}
 - name: PGPORT
   value: {{ int (default 5432 (get $first "port")) | quote }}
 - name: PGSSLMODE
@@ -419,6 +467,12 @@ restartPolicy: Always
 {{- end }}
 
 {{- define "credproxy.appVolumeMounts" -}}
+{{- if eq .Values.mode "daemonset" }}
+# This pod's own credproxy sockets (read-only is enough to connect).
+- name: credproxy
+  mountPath: {{ .Values.daemonset.mountPath }}
+  readOnly: true
+{{- end }}
 {{- if .Values.http.enabled }}
 # The CA's certificate only: the app never sees ca-key.pem.
 - name: credproxy-ca-cert
@@ -433,11 +487,25 @@ restartPolicy: Always
 {{- end }}
 
 {{- define "credproxy.appVolumes" -}}
+{{- if eq .Values.mode "daemonset" }}
+# This pod's own credproxy sockets: the kubelet asks credproxy's node
+# plugin for them, telling it which pod this is.
+- name: credproxy
+  csi:
+    driver: {{ .Values.daemonset.driver }}
+    readOnly: true
+{{- end }}
 {{- if .Values.http.enabled }}
 - name: credproxy-ca-cert
+  {{- if eq .Values.mode "daemonset" }}
+  # In the app's namespace: the CA's certificate alone, never its key.
+  configMap:
+    name: {{ .Values.http.appCAConfigMap }}
+  {{- else }}
   secret:
     secretName: {{ .Values.http.caSecret }}
     defaultMode: 0444
+  {{- end }}
     items:
       - key: ca.pem
         path: ca.pem
@@ -485,6 +553,9 @@ Sidecar mode, for your own workloads: the pod-spec fragment to merge (printed
 by NOTES.txt; the example Deployment is built from the same pieces).
 */}}
 {{- define "credproxy.podSpecFragment" -}}
+{{- if eq .Values.mode "daemonset" }}
+{{- include "credproxy.appPodSpecFragment" . }}
+{{- else -}}
 serviceAccountName: {{ include "credproxy.serviceAccountName" . }}
 automountServiceAccountToken: false
 securityContext:
@@ -504,4 +575,32 @@ volumes:
   {{- with include "credproxy.appVolumes" . | trim }}
   {{- . | nindent 2 }}
   {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Daemonset mode, for an app pod on the node: its own sockets (an inline volume
+of credproxy's CSI driver, allowed at Pod Security "restricted") and the
+proxy on its own loopback. The pod's service account is who it is: a rule in
+daemonset.rules must name it and its namespace.
+*/}}
+{{- define "credproxy.appPodSpecFragment" -}}
+# serviceAccountName: your app's, which daemonset.rules names
+automountServiceAccountToken: false
+securityContext:
+  runAsNonRoot: true
+  seccompProfile:
+    type: RuntimeDefault
+{{- if and .Values.http.enabled .Values.app.caBundle.enabled }}
+initContainers:
+  - {{ include "credproxy.caBundleInit" . | indent 4 | trim }}
+{{- end }}
+containers:
+  - name: app          # your container: add this env and these volumeMounts
+    env:
+      {{- include "credproxy.appEnv" . | trim | nindent 6 }}
+    volumeMounts:
+      {{- include "credproxy.appVolumeMounts" . | trim | nindent 6 }}
+volumes:
+  {{- include "credproxy.appVolumes" . | trim | nindent 2 }}
 {{- end }}
