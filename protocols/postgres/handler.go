@@ -379,16 +379,8 @@ func (s *session) login(ctx context.Context, params map[string]string) (*credent
 		if err != nil {
 			return nil, nil, err
 		}
-		user, _ := handle.Credential.Field("username")
-		password, _ := handle.Credential.Field("password")
-		s.dbUser = user.Reveal()
-		params["user"] = s.dbUser
-		upCtx, cancel := context.WithTimeout(ctx, s.h.cfg.ConnectTimeout.D())
-		start := time.Now()
-		up, err := s.connect(upCtx, s.dbUser, password, params)
-		cancel()
+		up, err := s.loginWith(ctx, handle, params)
 		if err == nil {
-			s.h.obs.UpstreamConnected(protocolName, s.h.cfg.Name, time.Since(start))
 			return handle, up, nil
 		}
 		handle.Release()
@@ -556,4 +548,21 @@ func (s *session) end(err error) error {
 	}
 	s.log.Info("session ended", fields...)
 	return err
+}
+
+// loginWith opens a new upstream connection logged in as handle's
+// credential, within connect_timeout, and counts its connect time.
+func (s *session) loginWith(ctx context.Context, handle *credentials.Handle, params map[string]string) (*upstream, error) {
+	user, _ := handle.Credential.Field("username")
+	password, _ := handle.Credential.Field("password")
+	s.dbUser = user.Reveal()
+	params["user"] = s.dbUser
+	upCtx, cancel := context.WithTimeout(ctx, s.h.cfg.ConnectTimeout.D())
+	defer cancel()
+	start := time.Now()
+	up, err := s.connect(upCtx, s.dbUser, password, params)
+	if err == nil {
+		s.h.obs.UpstreamConnected(protocolName, s.h.cfg.Name, time.Since(start))
+	}
+	return up, err
 }

@@ -602,16 +602,8 @@ func (s *session) loginPooled(ctx context.Context, params map[string]string) (*c
 			s.reused, s.poolSlot = true, true
 			return pc.handle, pc.up, nil
 		}
-		user, _ := handle.Credential.Field("username")
-		password, _ := handle.Credential.Field("password")
-		s.dbUser = user.Reveal()
-		params["user"] = s.dbUser
-		upCtx, cancel := context.WithTimeout(ctx, s.h.cfg.ConnectTimeout.D())
-		start := time.Now()
-		up, err := s.connect(upCtx, s.dbUser, password, params)
-		cancel()
+		up, err := s.loginWith(ctx, handle, params)
 		if err == nil {
-			s.h.obs.UpstreamConnected(protocolName, s.h.cfg.Name, time.Since(start))
 			s.poolSlot = slot
 			return handle, up, nil
 		}
