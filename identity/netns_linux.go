@@ -3,6 +3,7 @@ package identity
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -150,12 +151,47 @@ func (n *Netns) open(pid int, podUID string) (*os.File, uint64, error) {
 }
 
 // Listen binds a TCP listener on addr inside network namespace ns. The
-// socket is created on an OS thread switched into ns and stays in it;
-// the thread switches back before it is released, and is discarded if it
-// cannot.
+// socket is created on an OS thread switched into ns and stays in it.
 func (n *Netns) Listen(ns *os.File, addr string) (net.Listener, error) {
+	c, err := inNetns(ns, func() (io.Closer, error) {
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			return nil, err
+		}
+		return ln, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return c.(net.Listener), nil
+}
+
+// Dial connects to addr from inside network namespace ns with d (nil: a
+// 5s timeout), as a process in the pod would (for tests and probes).
+func (n *Netns) Dial(ns *os.File, d *net.Dialer, network, addr string) (net.Conn, error) {
+	if d == nil {
+		d = &net.Dialer{Timeout: 5 * time.Second}
+	}
+	c, err := inNetns(ns, func() (io.Closer, error) {
+		conn, err := d.Dial(network, addr)
+		if err != nil {
+			return nil, err
+		}
+		return conn, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return c.(net.Conn), nil
+}
+
+// inNetns runs open on an OS thread switched into network namespace ns:
+// the socket it creates stays in ns. The thread switches back before it
+// is released, and is discarded if it cannot (what open made is then
+// closed).
+func inNetns(ns *os.File, open func() (io.Closer, error)) (io.Closer, error) {
 	type result struct {
-		ln  net.Listener
+		c   io.Closer
 		err error
 	}
 	ch := make(chan result, 1)
@@ -173,57 +209,17 @@ func (n *Netns) Listen(ns *os.File, addr string) (net.Listener, error) {
 			ch <- result{err: fmt.Errorf("enter the pod's network namespace: %w", err)}
 			return
 		}
-		ln, lerr := net.Listen("tcp", addr)
+		c, oerr := open()
 		if err := unix.Setns(int(self.Fd()), unix.CLONE_NEWNET); err != nil {
 			// The thread stays locked and dies with this goroutine.
-			if ln != nil {
-				ln.Close()
+			if c != nil {
+				c.Close()
 			}
 			ch <- result{err: fmt.Errorf("leave the pod's network namespace: %w", err)}
 			return
 		}
 		runtime.UnlockOSThread()
-		ch <- result{ln, lerr}
-	}()
-	r := <-ch
-	return r.ln, r.err
-}
-
-// Dial connects to addr from inside network namespace ns with d (nil: a
-// 5s timeout), as a process in the pod would (for tests and probes).
-func (n *Netns) Dial(ns *os.File, d *net.Dialer, network, addr string) (net.Conn, error) {
-	if d == nil {
-		d = &net.Dialer{Timeout: 5 * time.Second}
-	}
-	type result struct {
-		c   net.Conn
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread()
-		self, err := os.Open(fmt.Sprintf("/proc/%d/task/%d/ns/net", unix.Getpid(), unix.Gettid()))
-		if err != nil {
-			runtime.UnlockOSThread()
-			ch <- result{err: err}
-			return
-		}
-		defer self.Close()
-		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			ch <- result{err: err}
-			return
-		}
-		c, derr := d.Dial(network, addr)
-		if err := unix.Setns(int(self.Fd()), unix.CLONE_NEWNET); err != nil {
-			if c != nil {
-				c.Close()
-			}
-			ch <- result{err: err}
-			return
-		}
-		runtime.UnlockOSThread()
-		ch <- result{c, derr}
+		ch <- result{c, oerr}
 	}()
 	r := <-ch
 	return r.c, r.err
