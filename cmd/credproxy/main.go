@@ -186,6 +186,7 @@ func newLogger(level string, w io.Writer) (*zap.Logger, error) {
 // shutdown_grace; a second signal stops at once. SIGHUP (and, with
 // --watch, a change to the config or a file it references) reloads.
 func serve(cfg *config.Config, path string, watch bool, log *zap.Logger) error {
+	procs, why, cpuLimit := setMaxProcs()
 	srv, err := proxy.New(cfg, log, options())
 	if err != nil {
 		return err
@@ -199,7 +200,12 @@ func serve(cfg *config.Config, path string, watch bool, log *zap.Logger) error {
 		srv.Close()
 		return err
 	}
-	log.Info("credproxy started", zap.String("version", version), zap.String("config", path))
+	fields := []zap.Field{zap.String("version", version), zap.String("config", path),
+		zap.Int("gomaxprocs", procs), zap.String("gomaxprocs_from", why)}
+	if cpuLimit > 0 {
+		fields = append(fields, zap.Float64("cpu_limit", cpuLimit))
+	}
+	log.Info("credproxy started", fields...)
 
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
