@@ -103,7 +103,7 @@ func (p *Proxy) intercept(x *exchange) func(*http.Request, net.Conn, *goproxy.Pr
 		}
 		p.sessionStarted(x, true)
 		err := p.serveTunnel(x, t, client)
-		p.sessionEnded(x, start, x.conn.In.Load()-in0, x.conn.Out.Load()-out0, err)
+		p.sessionEnded(x, true, start, x.conn.In.Load()-in0, x.conn.Out.Load()-out0, err)
 	}
 }
 
@@ -271,7 +271,7 @@ func (p *Proxy) passThrough(x *exchange) func(*http.Request, net.Conn, *goproxy.
 		_ = client.SetWriteDeadline(time.Time{})
 		p.sessionStarted(x, false)
 		err = relay(client, up)
-		p.sessionEnded(x, start, x.conn.In.Load()-in0, x.conn.Out.Load()-out0, err)
+		p.sessionEnded(x, false, start, x.conn.In.Load()-in0, x.conn.Out.Load()-out0, err)
 	}
 }
 
@@ -329,11 +329,23 @@ func (p *Proxy) sessionStarted(x *exchange, intercepted bool) {
 		rec.Credential = x.route.cfg.Credentials
 	}
 	p.audit.Record(rec)
-	x.log.Info("session started", zap.String("service", x.service), zap.String("upstream", rec.Upstream),
-		zap.Bool("intercepted", intercepted), zap.String("credential", rec.Credential))
+	// One info line per session, at its end, carries these too.
+	if ce := x.log.Check(zap.DebugLevel, "session started"); ce != nil {
+		ce.Write(tunnelFields(x, intercepted)...)
+	}
 }
 
-func (p *Proxy) sessionEnded(x *exchange, start time.Time, in, out int64, err error) {
+// tunnelFields describe a tunnel in its log lines.
+func tunnelFields(x *exchange, intercepted bool) []zap.Field {
+	cred := ""
+	if intercepted {
+		cred = x.route.cfg.Credentials
+	}
+	return []zap.Field{zap.String("service", x.service), zap.String("upstream", net.JoinHostPort(x.host, x.port)),
+		zap.Bool("intercepted", intercepted), zap.String("credential", cred)}
+}
+
+func (p *Proxy) sessionEnded(x *exchange, intercepted bool, start time.Time, in, out int64, err error) {
 	dur := time.Since(start)
 	msg := ""
 	if err != nil {
@@ -344,8 +356,8 @@ func (p *Proxy) sessionEnded(x *exchange, start time.Time, in, out int64, err er
 	rec.DurationMS = audit.Int64(dur.Milliseconds())
 	rec.Error = audit.String(msg)
 	p.audit.Record(rec)
-	x.log.Info("session ended", zap.String("service", x.service), zap.Int64("bytes_in", in), zap.Int64("bytes_out", out),
-		zap.Duration("duration", dur), zap.String("error", msg))
+	x.log.Info("session ended", append(tunnelFields(x, intercepted), zap.Int64("bytes_in", in), zap.Int64("bytes_out", out),
+		zap.Duration("duration", dur), zap.String("error", msg))...)
 }
 
 // tunnelDenied audits a tunnel refused after the CONNECT was accepted;

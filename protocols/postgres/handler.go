@@ -154,6 +154,7 @@ type session struct {
 	// it came from the pool.
 	poolSlot, reused bool
 	poolCred         *credentials.Credential // the credential it got from the pool's view
+	credName         string                  // the credential's name, once established
 }
 
 // ServeConn serves one app connection until it ends, and closes it. It
@@ -356,15 +357,12 @@ func (s *session) run(ctx context.Context) error {
 	h.audit.Record(rec)
 	s.started = true
 	h.obs.SessionStarted(protocolName, h.cfg.Name)
-	fields := []zap.Field{zap.String("upstream", h.cfg.Upstream),
-		zap.String("database", s.database), zap.String("db_user", s.dbUser), zap.String("credential", handle.Name)}
-	if h.pool != nil {
-		fields = append(fields, zap.Bool("backend_reused", s.reused))
+	s.credName = handle.Name
+	// One info line per session, at its end, carries these too; the start
+	// is in the audit log, and in the log at debug.
+	if ce := s.log.Check(zap.DebugLevel, "session started"); ce != nil {
+		ce.Write(s.startFields()...)
 	}
-	if s.replication != "" {
-		fields = append(fields, zap.String("replication", s.replication))
-	}
-	s.log.Info("session started", fields...)
 
 	relayed = true
 	return s.end(newRelay(s, up, handle, params).run(ctx))
@@ -450,6 +448,20 @@ func (s *session) appendHandover(dst []byte, up *upstream, key *pgproto3.Backend
 	dst, _ = key.Encode(dst)
 	dst, _ = (&pgproto3.ReadyForQuery{TxStatus: up.txStatus}).Encode(dst)
 	return dst
+}
+
+// startFields describe an established session in its log lines.
+func (s *session) startFields() []zap.Field {
+	h := s.h
+	fields := []zap.Field{zap.String("upstream", h.cfg.Upstream),
+		zap.String("database", s.database), zap.String("db_user", s.dbUser), zap.String("credential", s.credName)}
+	if h.pool != nil {
+		fields = append(fields, zap.Bool("backend_reused", s.reused))
+	}
+	if s.replication != "" {
+		fields = append(fields, zap.String("replication", s.replication))
+	}
+	return fields
 }
 
 // record starts an audit record for this session.
@@ -545,6 +557,9 @@ func (s *session) end(err error) error {
 		zap.Duration("duration", dur), zap.String("error", msg)}
 	if rec.SQLState != "" {
 		fields = append(fields, zap.String("sqlstate", rec.SQLState))
+	}
+	if s.started {
+		fields = append(fields, s.startFields()...)
 	}
 	s.log.Info("session ended", fields...)
 	return err
