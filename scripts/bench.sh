@@ -101,6 +101,7 @@ sed -e "s/^  queries: false/  queries: true/" -e "s#./audit.jsonl#./audit-querie
 	"$WORK/credproxy.yaml" >"$WORK/credproxy-queries.yaml"
 start_credproxy "$WORK/credproxy-queries.yaml" "$WORK/credproxy-queries.log" "$QUERIES_PORT"
 note "credproxy with audit.queries: true, pid $CREDPROXY_PID on 127.0.0.1:$QUERIES_PORT"
+QUERIES_PROXY_PID=$CREDPROXY_PID
 CREDPROXY_PID=$MAIN_PROXY_PID
 
 heading "3. starting PgBouncer (session pooling, no client password, SCRAM upstream)"
@@ -259,16 +260,29 @@ note "pgbouncer: VmRSS $PB_RSS0 KiB -> $PB_RSS1 KiB"
 
 # ---------------------------------------------------------------- (a), (b) pgbench
 
-# tps NAME ARGS...: runs pgbench, prints its tps; the output is kept in
+# cpu_ticks PID: the process' user+system CPU time so far, in clock ticks.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+HZ=$(getconf CLK_TCK)
+
+# tps NAME PID ARGS...: runs pgbench, prints its tps; the output is kept in
 # pgbench-NAME.log (registered for printing on failure beforehand: tps runs
-# in a subshell).
+# in a subshell). With a PID (not -), the CPU time that process spent per
+# transaction, in microseconds, goes to cpu-NAME.
 tps() {
-	local name=$1 out
-	shift
+	local name=$1 pid=$2 out t0 t1
+	shift 2
 	out=$WORK/pgbench-$name.log
+	[[ $pid == - ]] || t0=$(cpu_ticks "$pid")
 	"$PGBENCH" -n "$@" >"$out" 2>&1 || die "pgbench $name failed"
+	[[ $pid == - ]] || t1=$(cpu_ticks "$pid")
+	if [[ $pid != - ]]; then
+		awk -v t0="$t0" -v t1="$t1" -v hz="$HZ" '/^number of transactions actually processed:/ { split($NF, a, "/"); n = a[1] }
+			END { if (n > 0) printf "%.1f\n", (t1 - t0) / hz / n * 1e6; else print "-" }' "$out" >"$WORK/cpu-$name"
+	fi
 	awk '/^tps = / { print $3; exit }' "$out"
 }
+# cpu NAME: what tps NAME wrote.
+cpu() { cat "$WORK/cpu-$1"; }
 
 run_three() { # MODE ARGS...: sets T_DIRECT, T_PROXY, T_BOUNCER
 	local mode=$1 way
@@ -276,24 +290,24 @@ run_three() { # MODE ARGS...: sets T_DIRECT, T_PROXY, T_BOUNCER
 	for way in direct credproxy pgbouncer; do
 		show_log_on_failure "$WORK/pgbench-$mode-$way.log"
 	done
-	T_DIRECT=$(PGPASSWORD=$BENCH_PW tps "$mode-direct" "$@" "${DIRECT[@]}")
+	T_DIRECT=$(PGPASSWORD=$BENCH_PW tps "$mode-direct" - "$@" "${DIRECT[@]}")
 	note "direct:    $T_DIRECT"
-	T_PROXY=$(tps "$mode-credproxy" "$@" "${VIA_PROXY[@]}")
-	note "credproxy: $T_PROXY"
-	T_BOUNCER=$(tps "$mode-pgbouncer" "$@" "${VIA_BOUNCER[@]}")
-	note "pgbouncer: $T_BOUNCER"
+	T_PROXY=$(tps "$mode-credproxy" "$CREDPROXY_PID" "$@" "${VIA_PROXY[@]}")
+	note "credproxy: $T_PROXY ($(cpu "$mode-credproxy") µs of credproxy CPU per transaction)"
+	T_BOUNCER=$(tps "$mode-pgbouncer" "$BOUNCER_PID" "$@" "${VIA_BOUNCER[@]}")
+	note "pgbouncer: $T_BOUNCER ($(cpu "$mode-pgbouncer") µs of PgBouncer CPU per transaction)"
 }
 
 heading "5. warming the cache (3 s, not counted)"
 show_log_on_failure "$WORK/pgbench-warmup.log"
-PGPASSWORD=$BENCH_PW tps warmup -S -c "$CLIENTS" -j "$JOBS" -T 3 "${DIRECT[@]}" >/dev/null
+PGPASSWORD=$BENCH_PW tps warmup - -S -c "$CLIENTS" -j "$JOBS" -T 3 "${DIRECT[@]}" >/dev/null
 
 heading "6. (a) select-only: pgbench -S -c $CLIENTS -j $JOBS -T $SECS, TPS"
 run_three select -S -c "$CLIENTS" -j "$JOBS" -T "$SECS"
 S_DIRECT=$T_DIRECT S_PROXY=$T_PROXY S_BOUNCER=$T_BOUNCER
 show_log_on_failure "$WORK/pgbench-select-credproxy-queries.log"
-S_QUERIES=$(tps select-credproxy-queries -S -c "$CLIENTS" -j "$JOBS" -T "$SECS" "${VIA_QUERIES[@]}")
-note "credproxy, audit.queries: true: $S_QUERIES"
+S_QUERIES=$(tps select-credproxy-queries "$QUERIES_PROXY_PID" -S -c "$CLIENTS" -j "$JOBS" -T "$SECS" "${VIA_QUERIES[@]}")
+note "credproxy, audit.queries: true: $S_QUERIES ($(cpu select-credproxy-queries) µs of credproxy CPU per transaction)"
 
 heading "7. (b) connection rate: pgbench -C -S -c $CLIENTS -j $JOBS -T $SECS, connections/s"
 run_three connect -C -S -c "$CLIENTS" -j "$JOBS" -T "$SECS"
@@ -301,8 +315,8 @@ C_DIRECT=$T_DIRECT C_PROXY=$T_PROXY C_BOUNCER=$T_BOUNCER
 
 heading "7b. (b) connection rate with server-connection reuse (pool:): pgbench -C -S -c $CLIENTS -j $JOBS -T $SECS"
 show_log_on_failure "$WORK/pgbench-connect-credproxy-pool.log"
-C_POOL=$(tps connect-credproxy-pool -C -S -c "$CLIENTS" -j "$JOBS" -T "$SECS" "${VIA_POOL[@]}")
-note "credproxy, pool on: $C_POOL (pgbouncer above: $C_BOUNCER)"
+C_POOL=$(tps connect-credproxy-pool "$CREDPROXY_PID" -C -S -c "$CLIENTS" -j "$JOBS" -T "$SECS" "${VIA_POOL[@]}")
+note "credproxy, pool on: $C_POOL ($(cpu connect-credproxy-pool) µs of credproxy CPU per connection; pgbouncer above: $C_BOUNCER)"
 
 [[ -s $WORK/audit.jsonl ]] || die "credproxy wrote no audit records"
 grep -q '"event":"query"' "$WORK/audit-queries.jsonl" || die "credproxy (audit.queries: true) recorded no statements"
@@ -327,6 +341,19 @@ row "(b) connections/s (-C -S)" "$(calc %.0f "$C_DIRECT")" "$(calc %.0f "$C_PROX
 row "(b') connections/s, pool: on" "$(calc %.0f "$C_DIRECT")" "$(calc %.0f "$C_POOL")" "$(calc %.0f "$C_BOUNCER")" "${C_RPP}x" "${C_RB}x" "credproxy >= 1.0x pgbouncer (${C_PB}x)"
 row "(c) RSS per idle session, KiB" - "$CP_PER" "$PB_PER" "" "" "credproxy <= 32 KiB"
 row "    VmRSS before->after, KiB" - "$CP_RSS0->$CP_RSS1" "$PB_RSS0->$PB_RSS1" "" "" ""
+
+heading "CPU per transaction (each proxy's own user+system time; -C rows: per connection)"
+row "" "" credproxy pgbouncer "cp/pb" "" ""
+cpurow() { # LABEL CREDPROXY-RUN PGBOUNCER-RUN
+	local a b
+	a=$(cpu "$2") b=$(cpu "$3")
+	row "$1" "" "$a µs" "$b µs" "$(calc %.2f "$a / $b")x" "" ""
+}
+cpurow "(a) select-only" select-credproxy select-pgbouncer
+cpurow "(a') the same, audit.queries" select-credproxy-queries select-pgbouncer
+cpurow "(b) connections (-C -S)" connect-credproxy connect-pgbouncer
+cpurow "(b') connections, pool: on" connect-credproxy-pool connect-pgbouncer
+note "GOMAXPROCS of credproxy: $(awk -F'"gomaxprocs":' 'NF > 1 { split($2, a, ","); print a[1]; exit }' "$WORK/credproxy.log") (see README, Operating it)"
 
 cat <<EOF
 
