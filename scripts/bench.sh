@@ -5,6 +5,7 @@
 #   (a) pgbench select-only (-S) TPS, 8 clients (-c 8 -j 2); and (a')
 #       through a second credproxy that records every statement
 #       (audit.queries: true)
+#   (a") through integration/relayfloor, the bare Go relay, for its floor
 #   (b) connection rate: pgbench -C -S, a new connection per transaction,
 #       and again through a second credproxy service with server-connection
 #       reuse on (pool:), beside PgBouncer's session pooling
@@ -103,6 +104,16 @@ start_credproxy "$WORK/credproxy-queries.yaml" "$WORK/credproxy-queries.log" "$Q
 note "credproxy with audit.queries: true, pid $CREDPROXY_PID on 127.0.0.1:$QUERIES_PORT"
 QUERIES_PROXY_PID=$CREDPROXY_PID
 CREDPROXY_PID=$MAIN_PROXY_PID
+
+# The floor of a goroutine-per-direction Go relay: no protocol work at all
+# (integration/relayfloor). pgbench logs in through it with the password.
+FLOOR_PORT=$(free_port)
+(cd "$REPO_ROOT" && go build -trimpath -o "$WORK/relayfloor" ./integration/relayfloor) || die "go build relayfloor failed"
+"$WORK/relayfloor" "127.0.0.1:$FLOOR_PORT" "127.0.0.1:$PG_PORT" 2>>"$WORK/relayfloor.log" &
+FLOOR_PID=$!
+at_exit stop_pid "$FLOOR_PID"
+wait_listen "$FLOOR_PORT" "$FLOOR_PID" relayfloor
+note "relayfloor (two read-write goroutines per connection, nothing else) pid $FLOOR_PID on 127.0.0.1:$FLOOR_PORT"
 
 heading "3. starting PgBouncer (session pooling, no client password, SCRAM upstream)"
 BOUNCER_PORT=$(free_port)
@@ -308,6 +319,9 @@ S_DIRECT=$T_DIRECT S_PROXY=$T_PROXY S_BOUNCER=$T_BOUNCER
 show_log_on_failure "$WORK/pgbench-select-credproxy-queries.log"
 S_QUERIES=$(tps select-credproxy-queries "$QUERIES_PROXY_PID" -S -c "$CLIENTS" -j "$JOBS" -T "$SECS" "${VIA_QUERIES[@]}")
 note "credproxy, audit.queries: true: $S_QUERIES ($(cpu select-credproxy-queries) µs of credproxy CPU per transaction)"
+show_log_on_failure "$WORK/pgbench-select-relayfloor.log"
+S_FLOOR=$(PGPASSWORD=$BENCH_PW tps select-relayfloor "$FLOOR_PID" -S -c "$CLIENTS" -j "$JOBS" -T "$SECS" -h 127.0.0.1 -p "$FLOOR_PORT" -U bench bench)
+note "relayfloor: $S_FLOOR ($(cpu select-relayfloor) µs of relayfloor CPU per transaction)"
 
 heading "7. (b) connection rate: pgbench -C -S -c $CLIENTS -j $JOBS -T $SECS, connections/s"
 run_three connect -C -S -c "$CLIENTS" -j "$JOBS" -T "$SECS"
@@ -327,6 +341,7 @@ calc() { awk "BEGIN { printf \"$1\", $2 }"; }
 verdict() { awk "BEGIN { print (($1) ? \"met\" : \"NOT met\") }"; }
 
 S_RP=$(calc %.2f "$S_PROXY / $S_DIRECT") S_RB=$(calc %.2f "$S_BOUNCER / $S_DIRECT")
+S_FLOOR_PB=$(calc %.2f "$S_FLOOR / $S_BOUNCER")
 S_PB=$(calc %.2f "$S_PROXY / $S_BOUNCER") S_RQ=$(calc %.2f "$S_QUERIES / $S_DIRECT") S_QB=$(calc %.2f "$S_QUERIES / $S_BOUNCER")
 C_RP=$(calc %.2f "$C_PROXY / $C_DIRECT") C_RB=$(calc %.2f "$C_BOUNCER / $C_DIRECT")
 C_RPP=$(calc %.2f "$C_POOL / $C_DIRECT") C_PB=$(calc %.2f "$C_POOL / $C_BOUNCER")
@@ -337,6 +352,7 @@ heading "credproxy benchmark: $CLIENTS clients, -j $JOBS, ${SECS}s per run, scal
 row "" direct credproxy pgbouncer "cp/direct" "pb/direct" target
 row "(a) select-only TPS (-S)" "$(calc %.0f "$S_DIRECT")" "$(calc %.0f "$S_PROXY")" "$(calc %.0f "$S_BOUNCER")" "${S_RP}x" "${S_RB}x" "credproxy >= 1.1x pgbouncer (${S_PB}x)"
 row "(a') the same, audit.queries" "$(calc %.0f "$S_DIRECT")" "$(calc %.0f "$S_QUERIES")" "$(calc %.0f "$S_BOUNCER")" "${S_RQ}x" "${S_RB}x" "credproxy >= 1.0x pgbouncer (${S_QB}x)"
+row "(a\") relayfloor (bare Go relay)" "$(calc %.0f "$S_DIRECT")" "$(calc %.0f "$S_FLOOR")" "$(calc %.0f "$S_BOUNCER")" "$(calc %.2f "$S_FLOOR / $S_DIRECT")x" "${S_RB}x" "the floor of a Go relay (${S_FLOOR_PB}x pgbouncer)"
 row "(b) connections/s (-C -S)" "$(calc %.0f "$C_DIRECT")" "$(calc %.0f "$C_PROXY")" "$(calc %.0f "$C_BOUNCER")" "${C_RP}x" "${C_RB}x" "credproxy >= 1.7x direct"
 row "(b') connections/s, pool: on" "$(calc %.0f "$C_DIRECT")" "$(calc %.0f "$C_POOL")" "$(calc %.0f "$C_BOUNCER")" "${C_RPP}x" "${C_RB}x" "credproxy >= 1.0x pgbouncer (${C_PB}x)"
 row "(c) RSS per idle session, KiB" - "$CP_PER" "$PB_PER" "" "" "credproxy <= 32 KiB"
@@ -351,6 +367,7 @@ cpurow() { # LABEL CREDPROXY-RUN PGBOUNCER-RUN
 }
 cpurow "(a) select-only" select-credproxy select-pgbouncer
 cpurow "(a') the same, audit.queries" select-credproxy-queries select-pgbouncer
+cpurow "(a\") relayfloor: bare Go relay" select-relayfloor select-pgbouncer
 cpurow "(b) connections (-C -S)" connect-credproxy connect-pgbouncer
 cpurow "(b') connections, pool: on" connect-credproxy-pool connect-pgbouncer
 note "GOMAXPROCS of credproxy: $(awk -F'"gomaxprocs":' 'NF > 1 { split($2, a, ","); print a[1]; exit }' "$WORK/credproxy.log") (see README, Operating it)"
