@@ -32,3 +32,6 @@ func WorkloadKeys(s *Server) int {
 	defer s.reloadMu.Unlock()
 	return len(s.pods.tenants)
 }
+
+// KeepAliveFor is keepAliveFor, for tests.
+var KeepAliveFor = keepAliveFor

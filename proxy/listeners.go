@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	"go.uber.org/zap"
 )
@@ -79,13 +80,29 @@ func (s *Server) serve(l *listener) {
 	}()
 }
 
+// keepAliveFor is the TCP keep-alive of connections accepted on addr: off
+// on a loopback address, where the kernel itself closes a dead peer's end
+// and probes find nothing (and would cost four system calls per
+// connection); Go's default (15 s) elsewhere, where a peer may vanish
+// without a word.
+func keepAliveFor(addr string) time.Duration {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return 0
+	}
+	if ip := net.ParseIP(host); (ip != nil && ip.IsLoopback()) || host == "localhost" {
+		return -1
+	}
+	return 0
+}
+
 // Listen binds "host:port" (TCP) or "unix:/path". A stale socket file left by
 // a previous run is removed; any other existing file is an error. A unix
 // socket gets mode (octal, "" for the umask's).
 func Listen(addr, mode string) (net.Listener, error) {
 	path, ok := strings.CutPrefix(addr, "unix:")
 	if !ok {
-		return net.Listen("tcp", addr)
+		return (&net.ListenConfig{KeepAlive: keepAliveFor(addr)}).Listen(context.Background(), "tcp", addr)
 	}
 	if fi, err := os.Lstat(path); err == nil {
 		if fi.Mode()&os.ModeSocket == 0 {

@@ -235,3 +235,14 @@ func TestListenUnixReplacesStaleSocket(t *testing.T) {
 	}
 	ln2.Close()
 }
+
+func TestKeepAliveFor(t *testing.T) {
+	for addr, want := range map[string]time.Duration{
+		"127.0.0.1:5432": -1, "127.0.0.2:0": -1, "[::1]:5432": -1, "localhost:5432": -1,
+		"0.0.0.0:5432": 0, "10.0.0.7:5432": 0, ":5432": 0, "[::]:5432": 0, "bogus": 0,
+	} {
+		if got := proxy.KeepAliveFor(addr); got != want {
+			t.Errorf("KeepAliveFor(%q) = %v, want %v", addr, got, want)
+		}
+	}
+}
