@@ -64,12 +64,20 @@ var clientEncodings = map[string]encoding.Encoding{
 	"BIG5":       traditionalchinese.Big5,
 }
 
+// encodingKeyReplacer drops what PostgreSQL ignores in an encoding's name.
+var encodingKeyReplacer = strings.NewReplacer("-", "", "_", "")
+
 // canonicalEncoding is PostgreSQL's name for a client_encoding as the
 // app may have spelled it in its startup packet (ParameterStatus always
 // reports the canonical one): case, '-' and '_' ignored, and the common
 // aliases.
 func canonicalEncoding(name string) string {
-	key := strings.NewReplacer("-", "", "_", "").Replace(strings.ToUpper(name))
+	if name == "UTF8" {
+		// What ParameterStatus reports for nearly every session: the
+		// statement audit asks once per statement.
+		return name
+	}
+	key := encodingKeyReplacer.Replace(strings.ToUpper(name))
 	switch key {
 	case "", "UTF8", "UNICODE":
 		return "UTF8"
