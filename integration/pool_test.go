@@ -60,6 +60,8 @@ func backendPID(t *testing.T, ctx context.Context, conn *pgx.Conn) string {
 }
 
 // closeConn ends a session the way an app does: Terminate, then close.
+// It returns once credproxy has closed the app's socket, which it does
+// before it resets the backend for the pool: waitPooled waits for that.
 func closeConn(t *testing.T, conn *pgx.Conn) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -489,7 +491,13 @@ func TestPoolStartupParametersKey(t *testing.T) {
 	skipShort(t)
 	t.Parallel()
 	pg := startPG(t, pgtest.Options{})
-	p := poolProxy(t, pg, poolConfig(2))
+	pool := poolConfig(2)
+	// alpha's reset is slow: beta's session starts, and beta's backend is
+	// back in the pool, while alpha's is still being reset. (DISCARD ALL
+	// cannot run in a query of several statements; what this test's
+	// sessions leave is settings and pgx's prepared statements.)
+	pool.ResetQuery = "SELECT pg_sleep(CASE current_setting('application_name') WHEN 'alpha' THEN 0.3 ELSE 0 END); RESET ALL; DEALLOCATE ALL"
+	p := poolProxy(t, pg, pool)
 	addr := p.addr(t, "app")
 	ctx := testCtx(t, 2*time.Minute)
 	open := func(app string) (*pgx.Conn, string) {
@@ -499,13 +507,21 @@ func TestPoolStartupParametersKey(t *testing.T) {
 		}
 		return conn, backendPID(t, ctx, conn)
 	}
+	// An app's close returns once credproxy has closed its socket, before
+	// the backend is reset and back in the pool: the next session starts
+	// once it is (waitPooled). Without that wait, alpha's second session
+	// could find alpha's backend still in its reset and beta's idle, and
+	// with the pool full it closed beta's to log in anew (the flake, under
+	// load; every time with alpha's slow reset above).
 	a, pidA := open("alpha")
 	closeConn(t, a)
+	waitPooled(t, p, 1)
 	b, pidB := open("beta")
 	if pidB == pidA {
 		t.Errorf("an app with application_name beta got alpha's backend")
 	}
 	closeConn(t, b)
+	waitPooled(t, p, 2)
 	a2, pidA2 := open("alpha")
 	if pidA2 != pidA {
 		t.Errorf("alpha got backend %s, want its own %s again", pidA2, pidA)

@@ -668,7 +668,9 @@ func (r *relay) startDetach() bool {
 // recycle hands the session's backend back to the pool after its relay
 // ended, once it has been reset; it reports whether it took the backend
 // (kept or closed it). When it returns false the caller closes the
-// backend and releases its credential.
+// backend and releases its credential. The relay has handed the backend
+// back (handBack) before: no callback of its own touches it any more, and
+// the reset sets, then clears, the only deadline on it.
 func (r *relay) recycle(ctx context.Context, up *backend) bool {
 	s := r.s
 	p := s.h.pool
@@ -719,6 +721,10 @@ func (r *relay) recycle(ctx context.Context, up *backend) bool {
 	return true
 }
 
+// testHookResetSent, set by tests, runs while a reset waits for the
+// answer to its query: what else may happen to the backend then.
+var testHookResetSent func(r *relay)
+
 // reset runs the reset query on b and reads up to its ReadyForQuery,
 // noting the ParameterStatus values it reports in params. Any error, a
 // status other than idle, a message that has no place there, or bytes
@@ -733,6 +739,9 @@ func (r *relay) reset(b *backend, params map[string]string, query string) error 
 	}
 	if _, err := b.conn.Write(msg); err != nil {
 		return fmt.Errorf("send the reset query: %w", err)
+	}
+	if hook := testHookResetSent; hook != nil {
+		hook(r)
 	}
 	cr := cappedNext{s: b.rd, max: maxResetMessage}
 	var failed error

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"testing/synctest"
@@ -325,4 +326,83 @@ func TestPoolStaleCredential(t *testing.T) {
 		}
 		f.pool.put(c1) // for the pool's close to end it
 	})
+}
+
+// TestPoolResetOwnsBackend: once a session's relay has ended and its
+// backend is being reset for the pool, a callback of the relay's that
+// still runs — the shutdown's terminate and the cut after it, the
+// credential's end — must not touch the backend. Before the relay handed
+// its backend back, such a callback set a read deadline of "now" on it
+// (wake) or closed it (cut): the reset's read failed with an i/o timeout
+// and a clean backend was closed instead of being reused
+// (TestPoolStartupParametersKey's flake, at the proxy's shutdown). The
+// hook runs the callback exactly while the reset waits for its answer.
+func TestPoolResetOwnsBackend(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		callback func(r *relay)
+	}{
+		{"shutdown", func(r *relay) {
+			// What run's context.AfterFunc does, and its timer later.
+			r.terminate(fatal(codeAdminShutdown, "credproxy: terminating connection because credproxy is shutting down"))
+			r.cut()
+		}},
+		{"credential end", func(r *relay) {
+			// What watch's OnEnd does.
+			r.terminate(fatal(codeAdminShutdown, "credproxy: credential lease expired"))
+		}},
+		{"wake", func(r *relay) { r.wake() }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			answer := make(chan struct{}) // the fake upstream answers the reset once closed
+			var fired sync.Once
+			testHookResetSent = func(r *relay) {
+				fired.Do(func() {
+					tc.callback(r)
+					close(answer)
+				})
+			}
+			t.Cleanup(func() { testHookResetSent = nil }) // after the proxy's cleanup, which waits for its sessions
+			up := startUpstream(t, func(u *upConn) {
+				if u.ready(true) {
+					u.serve(func(m pgproto3.FrontendMessage) {
+						if q, ok := m.(*pgproto3.Query); ok && q.String == "DISCARD ALL" {
+							<-answer
+						}
+					})
+				}
+			})
+			svc := testService(up.addr)
+			pc := poolCfg(2, time.Hour, time.Hour, 5*time.Second)
+			svc.Pool = &pc
+			svc.ConnectTimeout = config.Duration(10 * time.Second)
+			p := startProxy(t, svc)
+			t.Cleanup(func() { p.h.Close() }) // the pool's janitor
+
+			session := func() {
+				t.Helper()
+				c := dialProxy(t, p.addr)
+				c.connect(map[string]string{"user": "app", "database": "app"})
+				c.send(&pgproto3.Query{String: "SELECT 1"})
+				for m := c.mustNext(); m.typ != 'Z'; m = c.mustNext() {
+				}
+				c.send(&pgproto3.Terminate{})
+				c.expectClosed()
+				if err := p.wait(t); err != nil {
+					t.Fatalf("session: %v", err)
+				}
+			}
+			session()
+			p.h.pool.mu.Lock()
+			idle := p.h.pool.idle.Len()
+			p.h.pool.mu.Unlock()
+			if idle != 1 {
+				t.Fatalf("after the first session %d backends idle, want 1 (logs: %v)", idle, p.logs.FilterMessage("upstream connection not reused").All())
+			}
+			session()
+			if n := up.connCount(); n != 1 {
+				t.Errorf("the upstream saw %d connections, want 1: the second session gets the first one's backend", n)
+			}
+		})
+	}
 }

@@ -68,6 +68,13 @@ type relay struct {
 	// detached: it did, at a clean point (pool.go).
 	detaching, detached bool
 
+	// handedBack: the relay is done with its backend, which recycle resets
+	// for the pool or closes. From then on no callback of the relay's (the
+	// shutdown's terminate and cut, the credential's end, a migration)
+	// touches it; touching counts those doing so until then (withBackend).
+	handedBack bool
+	touching   sync.WaitGroup
+
 	term   atomic.Pointer[pgproto3.ErrorResponse] // end the session with this at the next boundary
 	termCh chan struct{}                          // closed when term is set
 	done   chan struct{}                          // closed when the relay ends
@@ -154,12 +161,17 @@ func (r *relay) paramSeen(name, value string) {
 // with FATAL 57P01 at a message boundary; so does the credential's end.
 func (r *relay) run(ctx context.Context) error {
 	s := r.s
+	var (
+		killing sync.WaitGroup // the shutdown's callback, once it runs
+		cutAt   *time.Timer    // set by it
+	)
+	killing.Add(1)
 	stopKill := context.AfterFunc(ctx, func() {
+		defer killing.Done()
 		r.terminate(fatal(codeAdminShutdown, "credproxy: terminating connection because credproxy is shutting down"))
 		// If the upstream cannot get to a boundary in time, cut both.
-		time.AfterFunc(2*boundaryWait, r.cut)
+		cutAt = time.AfterFunc(2*boundaryWait, r.cut)
 	})
-	defer stopKill()
 	r.watch(r.up)
 
 	var once sync.Once
@@ -187,10 +199,17 @@ func (r *relay) run(ctx context.Context) error {
 	r.mu.Unlock()
 	close(r.done)
 	r.wg.Wait() // a migration in progress gives up
-
-	r.mu.Lock()
-	up := r.up
-	r.mu.Unlock()
+	// Shutdown no longer concerns the relay: its callback either never
+	// runs or has run (a termination recorded: recycle does not keep the
+	// backend), and its cut is called off.
+	if stopKill() {
+		killing.Done()
+	}
+	killing.Wait()
+	if cutAt != nil {
+		cutAt.Stop()
+	}
+	up := r.handBack()
 	if r.detaching {
 		r.client.Close()
 	}
@@ -224,13 +243,40 @@ func (r *relay) run(ctx context.Context) error {
 	return firstErr
 }
 
-// cut closes both sides now.
+// cut closes both sides now: the backend only while the relay has it.
 func (r *relay) cut() {
 	r.client.Close()
+	r.withBackend(func(up *backend) { up.conn.Close() })
+}
+
+// withBackend calls f with the session's backend, unless the relay has
+// handed it back (handBack); handBack waits for an f that runs. Every
+// callback that may run after the relay ended goes through it: once the
+// pool owns the backend, its deadlines and its closing are the pool's.
+func (r *relay) withBackend(f func(up *backend)) {
 	r.mu.Lock()
+	if r.handedBack {
+		r.mu.Unlock()
+		return
+	}
+	up := r.up
+	r.touching.Add(1)
+	r.mu.Unlock()
+	defer r.touching.Done()
+	f(up)
+}
+
+// handBack ends the relay's hold on its backend and returns it, once no
+// callback of the relay's touches it any more (withBackend). Credential
+// callbacks registered by watch may still run, until the pool registers
+// its own: they find nothing to touch.
+func (r *relay) handBack() *backend {
+	r.mu.Lock()
+	r.handedBack = true
 	up := r.up
 	r.mu.Unlock()
-	up.conn.Close()
+	r.touching.Wait()
+	return up
 }
 
 // watch registers for the credential's retirement (the session moves) and
@@ -276,10 +322,7 @@ func (r *relay) setTerm(resp *pgproto3.ErrorResponse) bool {
 // wake makes the upstream copy's blocking read return, so it looks at a
 // termination or a migration's hold.
 func (r *relay) wake() {
-	r.mu.Lock()
-	up := r.up
-	r.mu.Unlock()
-	_ = up.conn.SetReadDeadline(time.Now())
+	r.withBackend(func(up *backend) { _ = up.conn.SetReadDeadline(time.Now()) })
 }
 
 // idle reports whether the backend waits for the app, outside a
