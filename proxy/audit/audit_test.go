@@ -670,3 +670,22 @@ func FuzzWriteJSONString(f *testing.F) {
 		}
 	})
 }
+
+// BenchmarkWriterRecord: one statement record to a file, from several
+// goroutines at once, as sessions with audit.queries write them.
+func BenchmarkWriterRecord(b *testing.B) {
+	w, err := Open(filepath.Join(b.TempDir(), "audit.jsonl"), nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer w.Close()
+	b.ReportAllocs()
+	b.SetParallelism(4) // 4 × GOMAXPROCS goroutines
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			r := base(EventQuery)
+			r.SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
+			w.Record(r)
+		}
+	})
+}
