@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"reflect"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -185,4 +187,98 @@ func BenchmarkWriterRecordParallel(b *testing.B) {
 			w.Record(r)
 		}
 	})
+}
+
+// gatedWriter holds the first Write until release is closed and records
+// the size of every Write.
+type gatedWriter struct {
+	release chan struct{}
+	mu      sync.Mutex
+	writes  []int
+	lines   int
+}
+
+func (g *gatedWriter) Write(p []byte) (int, error) {
+	g.mu.Lock()
+	first := len(g.writes) == 0
+	g.writes = append(g.writes, len(p))
+	g.lines += bytes.Count(p, []byte("\n"))
+	g.mu.Unlock()
+	if first {
+		<-g.release
+	}
+	return len(p), nil
+}
+
+// Records handed over during a write go out together in the next one, and
+// none of their Record calls returns before that write.
+func TestGroupCommit(t *testing.T) {
+	gw := &gatedWriter{release: make(chan struct{})}
+	w := NewWriter(gw)
+	var returned atomic.Int64
+	var wg sync.WaitGroup
+	rec := func() {
+		defer wg.Done()
+		w.Record(base(EventQuery))
+		returned.Add(1)
+	}
+	wg.Add(1)
+	go rec()
+	waitFor(t, func() bool { gw.mu.Lock(); defer gw.mu.Unlock(); return len(gw.writes) == 1 })
+	for range 7 {
+		wg.Add(1)
+		go rec()
+	}
+	waitFor(t, func() bool { w.mu.Lock(); defer w.mu.Unlock(); return w.fillN == 7 })
+	if n := returned.Load(); n != 0 {
+		t.Errorf("%d Record calls returned before their write", n)
+	}
+	if n := w.Waiting(); n != 7 {
+		t.Errorf("Waiting() = %d, want 7", n)
+	}
+	close(gw.release)
+	wg.Wait()
+	if len(gw.writes) != 2 || gw.lines != 8 || w.Waiting() != 0 {
+		t.Errorf("writes %v with %d lines, %d waiting; want 2 writes, 8 lines, 0 waiting", gw.writes, gw.lines, w.Waiting())
+	}
+}
+
+// A batch stops growing at maxBatchBytes: records beyond wait for the
+// next one.
+func TestGroupCommitBatchCapped(t *testing.T) {
+	gw := &gatedWriter{release: make(chan struct{})}
+	w := NewWriter(gw)
+	r := base(EventQuery)
+	r.SQL = strings.Repeat("x", 64<<10)
+	var wg sync.WaitGroup
+	for range 20 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			w.Record(r)
+		}()
+	}
+	waitFor(t, func() bool { return w.Waiting() >= 19 })
+	close(gw.release)
+	wg.Wait()
+	line := len(jsonRecord(t, &Record{}))
+	for _, n := range gw.writes {
+		if n > maxBatchBytes+len(r.SQL)+line+1024 {
+			t.Errorf("a write of %d bytes, want at most a batch (%d) and one record", n, maxBatchBytes)
+		}
+	}
+	if gw.lines != 20 {
+		t.Errorf("%d lines, want 20", gw.lines)
+	}
+}
+
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not reached in 20s")
+		}
+		time.Sleep(time.Millisecond)
+	}
 }
