@@ -38,7 +38,7 @@ func TestCanonicalEncoding(t *testing.T) {
 		"iso8859-5": "ISO_8859_5", "koi8-r": "KOI8R", "euc-jp": "EUC_JP", "eucjp": "EUC_JP", "gb_18030": "GB18030",
 		"mule_internal": "MULE_INTERNAL", "EUC_TW": "EUC_TW", "nonsense": "NONSENSE",
 		"ſjis": "SJIS", "ſql_aſcii": "SQL_ASCII", "caf\xe9": "CAF\uFFFD",
-		strings.Repeat("u", 40) + "tf8": strings.Repeat("U", 40) + "TF8",
+		strings.Repeat("u", 40) + "tf8":  strings.Repeat("U", 40) + "TF8",
 		strings.Repeat("_", 40) + "utf8": "UTF8",
 	}
 	for pg := range clientEncodings {
