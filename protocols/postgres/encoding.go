@@ -64,39 +64,65 @@ var clientEncodings = map[string]encoding.Encoding{
 	"BIG5":       traditionalchinese.Big5,
 }
 
-// encodingKeyReplacer drops what PostgreSQL ignores in an encoding's name.
-var encodingKeyReplacer = strings.NewReplacer("-", "", "_", "")
-
 // canonicalEncoding is PostgreSQL's name for a client_encoding as the
 // app may have spelled it in its startup packet (ParameterStatus always
 // reports the canonical one): case, '-' and '_' ignored, and the common
-// aliases.
+// aliases. It runs for every audited statement: an ASCII name (every name
+// PostgreSQL reports) costs a table look-up and no allocation.
 func canonicalEncoding(name string) string {
 	if name == "UTF8" {
-		// What ParameterStatus reports for nearly every session: the
-		// statement audit asks once per statement.
 		return name
 	}
-	key := encodingKeyReplacer.Replace(strings.ToUpper(name))
-	switch key {
-	case "", "UTF8", "UNICODE":
-		return "UTF8"
-	case "SQLASCII":
-		return "SQL_ASCII"
-	case "ISO88591":
-		return "LATIN1"
-	case "WINDOWS1252":
-		return "WIN1252"
-	case "SHIFTJIS":
-		return "SJIS"
+	var buf [32]byte
+	key, ascii := buf[:0], true
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		if c >= utf8.RuneSelf || len(key) == len(buf) {
+			ascii = false
+			break
+		}
+		if c == '-' || c == '_' {
+			continue
+		}
+		if 'a' <= c && c <= 'z' {
+			c -= 'a' - 'A'
+		}
+		key = append(key, c)
 	}
-	for pg := range clientEncodings {
-		if strings.ReplaceAll(pg, "_", "") == key {
+	if ascii {
+		if pg, ok := canonicalEncodings[string(key)]; ok {
 			return pg
 		}
+		return strings.ToUpper(name) // no allocation when name is upper case already
 	}
-	return strings.ToUpper(name)
+	// Unicode case mapping (strings.ToUpper maps 'ſ' to 'S', say).
+	upper := strings.ToUpper(name)
+	k := strings.NewReplacer("-", "", "_", "").Replace(upper)
+	if pg, ok := canonicalEncodings[k]; ok {
+		return pg
+	}
+	return upper
 }
+
+// canonicalEncodings maps a client_encoding name, upper case without '-'
+// and '_', to PostgreSQL's name for it.
+var canonicalEncodings = func() map[string]string {
+	m := map[string]string{
+		"":            "UTF8",
+		"UTF8":        "UTF8",
+		"UNICODE":     "UTF8",
+		"SQLASCII":    "SQL_ASCII",
+		"ISO88591":    "LATIN1",
+		"WINDOWS1252": "WIN1252",
+		"SHIFTJIS":    "SJIS",
+	}
+	for pg := range clientEncodings {
+		if k := strings.ReplaceAll(pg, "_", ""); m[k] == "" {
+			m[k] = pg
+		}
+	}
+	return m
+}()
 
 // auditText is how the audit records a statement's bytes b, sent in
 // clientEncoding: its exact text (UTF-8), or, when that cannot be had,

@@ -2,7 +2,6 @@ package postgres
 
 import (
 	"encoding/base64"
-	"strings"
 	"testing"
 
 	"github.com/jackc/pgproto3/v2"
@@ -84,36 +83,5 @@ func TestAuditStatementInClientEncoding(t *testing.T) {
 	}
 	if got[2].SQL != "select 'café'" || got[2].SQLEncoding != "LATIN1" || got[2].SQLBase64 != "" {
 		t.Errorf("LATIN1: sql %q, encoding %q, base64 %q", got[2].SQL, got[2].SQLEncoding, got[2].SQLBase64)
-	}
-}
-
-// TestCanonicalEncoding: every spelling PostgreSQL accepts for a client
-// encoding maps to the name ParameterStatus reports.
-func TestCanonicalEncoding(t *testing.T) {
-	for in, want := range map[string]string{
-		"UTF8": "UTF8", "utf8": "UTF8", "utf-8": "UTF8", "Unicode": "UTF8", "": "UTF8",
-		"sql_ascii": "SQL_ASCII", "SQLASCII": "SQL_ASCII",
-		"latin1": "LATIN1", "ISO-8859-1": "LATIN1", "iso_8859_1": "LATIN1",
-		"win1252": "WIN1252", "windows-1252": "WIN1252",
-		"shift_jis": "SJIS", "ShiftJIS": "SJIS", "sjis": "SJIS",
-		"euc_jp": "EUC_JP", "EUC-JP": "EUC_JP", "eucjp": "EUC_JP",
-		"koi8r": "KOI8R", "KOI8-R": "KOI8R", "gb18030": "GB18030",
-		"no-such-encoding": "NO-SUCH-ENCODING",
-	} {
-		if got := canonicalEncoding(in); got != want {
-			t.Errorf("canonicalEncoding(%q) = %q, want %q", in, got, want)
-		}
-	}
-	for name := range clientEncodings {
-		if got := canonicalEncoding(strings.ToLower(name)); got != name {
-			t.Errorf("canonicalEncoding(%q) = %q, want %q", strings.ToLower(name), got, name)
-		}
-	}
-}
-
-func BenchmarkCanonicalEncoding(b *testing.B) {
-	b.ReportAllocs()
-	for b.Loop() {
-		canonicalEncoding("UTF8")
 	}
 }

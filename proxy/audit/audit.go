@@ -5,20 +5,28 @@
 // A record's size is bounded as written, not as handed in: the statement
 // is cut so that its JSON encoding fits MaxSQLBytes, every other text
 // field maxFieldBytes, so no input inflates a line (JSON escapes a control
-// character as six bytes). The Writer writes one record at a time with
-// one reusable buffer; a record waits for the one before it. Sessions
-// hand their records over synchronously, so when the audit sink is slower
-// than the statements, the statements wait (backpressure to the app), and
-// memory stays at one buffer plus the record each waiting session holds:
-// never a queue that grows. Nothing is dropped.
+// character as six bytes).
+//
+// The Writer commits in groups. A record is encoded (by hand, without
+// reflection) into the batch being gathered; if no write is in flight,
+// its caller writes that batch with one write(2), whole lines, O_APPEND,
+// so lines never interleave. Records handed over meanwhile join the next
+// batch, which the first of their callers to find the writer idle writes.
+// Record returns only once its line was handed to write(2): sessions hand
+// their records over synchronously, no goroutine holds records of its
+// own, and a crash loses only what no Record call has returned for. When
+// the audit sink is slower than the statements, the statements wait
+// (backpressure to the app), and memory stays at two buffers (the batch
+// in flight and the one gathered, each capped at maxBatchBytes plus one
+// record; a caller finding the batch full waits) plus the record each
+// waiting session holds: never a queue that grows. Nothing is dropped.
 package audit
 
 import (
-	"bytes"
-	"encoding/json"
 	"fmt"
 	"io"
 	"os"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -135,17 +143,28 @@ type Sink interface {
 	Record(r *Record)
 }
 
-// Writer appends records as JSON lines to a file or stdout. It writes one
-// record at a time, from one reusable buffer: a record handed over while
-// another is written waits (see the package comment).
+// Writer appends records as JSON lines to a file or stdout. Records handed
+// over while a write is in flight are gathered into one batch, written
+// with one write(2) once that write returns (group commit; see the package
+// comment).
 type Writer struct {
-	mu      sync.Mutex
 	w       io.Writer
 	closer  io.Closer
 	onErr   func(error)
-	buf     bytes.Buffer
-	enc     *json.Encoder
 	waiting atomic.Int64
+
+	mu   sync.Mutex
+	cond sync.Cond // on mu: a batch was written, or the writer went idle
+	// fill is the batch being gathered, fillN its records, fillGen its
+	// number; flushed is the number of the last batch handed to write(2).
+	fill    []byte
+	fillN   int64
+	fillGen uint64
+	flushed uint64
+	// writing: a caller is in write(2) with a batch, outside mu.
+	writing bool
+	// spare is the buffer of the last batch written, reused for the next.
+	spare []byte
 }
 
 // Open opens path for appending ("-" is stdout). onErr, if not nil, hears
@@ -165,11 +184,8 @@ func Open(path string, onErr func(error)) (*Writer, error) {
 func NewWriter(w io.Writer) *Writer { return newWriter(w, nil, nil) }
 
 func newWriter(w io.Writer, closer io.Closer, onErr func(error)) *Writer {
-	wr := &Writer{w: w, closer: closer, onErr: onErr}
-	wr.enc = json.NewEncoder(&wr.buf)
-	// An audit line is read by tools, not browsers: <, > and & stay one
-	// byte each rather than six.
-	wr.enc.SetEscapeHTML(false)
+	wr := &Writer{w: w, closer: closer, onErr: onErr, fillGen: 1}
+	wr.cond.L = &wr.mu
 	return wr
 }
 
@@ -180,9 +196,15 @@ const (
 	maxFieldBytes = 16 << 10
 )
 
+// maxBatchBytes caps a batch: once the batch being gathered holds this
+// much, further records wait until a writer takes it. A batch is at most
+// this plus one record.
+const maxBatchBytes = 256 << 10
+
 // Record writes one line. Time is set to now (UTC) when zero. r is not
 // modified; its over-long fields are cut in a copy (SQLTruncated set when
-// the statement was).
+// the statement was). Record returns once the line has been handed to
+// write(2), by this call or by another that wrote the batch it was in.
 func (w *Writer) Record(r *Record) {
 	rec := *r
 	if rec.Time.IsZero() {
@@ -192,47 +214,181 @@ func (w *Writer) Record(r *Record) {
 	bound(&rec)
 	w.waiting.Add(1)
 	w.mu.Lock()
-	w.waiting.Add(-1)
-	defer w.mu.Unlock()
-	w.buf.Reset()
-	// The statement goes into the buffer directly, not through
-	// encoding/json: json.Encoder encodes into a buffer of its own, pooled
-	// in a sync.Pool that every GC empties, and copies from there, so a
-	// long statement would cost a fresh statement-sized buffer per record
-	// whenever a GC came between two. What encoding/json sees is small.
-	sql, sql64 := rec.SQL, rec.SQLBase64
-	rec.SQL, rec.SQLBase64 = "", ""
-	if err := w.enc.Encode(&rec); err != nil { // Encode ends the line with '\n'
+	for len(w.fill) >= maxBatchBytes {
+		if !w.writing {
+			w.flushLocked()
+		} else {
+			w.cond.Wait()
+		}
+	}
+	n := len(w.fill)
+	fill, err := appendRecord(w.fill, &rec)
+	if err != nil {
+		w.fill = fill[:n]
+		w.waiting.Add(-1)
+		w.mu.Unlock()
 		w.fail(err)
 		return
 	}
-	if sql != "" || sql64 != "" {
-		w.buf.Truncate(w.buf.Len() - len("}\n"))
-		if sql != "" {
-			w.buf.WriteString(`,"sql":`)
-			writeJSONString(&w.buf, sql)
+	w.fill = fill
+	w.fillN++
+	gen := w.fillGen
+	for w.flushed < gen {
+		if !w.writing {
+			w.flushLocked()
+		} else {
+			w.cond.Wait()
 		}
-		if sql64 != "" {
-			w.buf.WriteString(`,"sql_base64":`)
-			writeJSONString(&w.buf, sql64)
-		}
-		w.buf.WriteString("}\n")
 	}
-	// One write per record: with O_APPEND, lines from concurrent sessions
-	// never interleave.
-	if _, err := w.w.Write(w.buf.Bytes()); err != nil {
-		w.fail(err)
-	}
-	if w.buf.Cap() > 4*MaxSQLBytes {
-		w.buf = bytes.Buffer{} // never kept: records are bounded well below
-		w.enc = json.NewEncoder(&w.buf)
-		w.enc.SetEscapeHTML(false)
-	}
+	w.mu.Unlock()
 }
 
-// Waiting is how many records wait for the one being written: sessions
-// held back by a slow audit sink.
+// flushLocked writes the batch being gathered, with w.mu held on entry
+// and on return but not during the write, and wakes those waiting on it.
+func (w *Writer) flushLocked() {
+	buf, gen := w.fill, w.fillGen
+	w.waiting.Add(-w.fillN)
+	w.fill, w.fillN, w.spare = w.spare[:0], 0, nil
+	w.fillGen++
+	w.writing = true
+	w.mu.Unlock()
+	// One write per batch of whole lines: with O_APPEND, lines from
+	// concurrent sessions (and other Writers on the file) never
+	// interleave.
+	_, err := w.w.Write(buf)
+	if err != nil {
+		w.fail(err)
+	}
+	w.mu.Lock()
+	w.writing = false
+	w.flushed = gen
+	if cap(buf) <= 4*MaxSQLBytes { // never kept larger: batches are bounded well below
+		w.spare = buf[:0]
+	}
+	w.cond.Broadcast()
+}
+
+// Waiting is how many records wait to be handed to write(2) (in the batch
+// being gathered, or for room in it) while another batch is written:
+// sessions held back by a slow audit sink.
 func (w *Writer) Waiting() int { return int(w.waiting.Load()) }
+
+// appendRecord appends r's line, ending in '\n', to b: what json.Encoder
+// (without HTML escaping) writes for r with SQL and SQLBase64 empty,
+// followed by those two fields when not empty (see FuzzAppendRecord). It
+// fails only on a Time that encoding/json cannot encode either.
+func appendRecord(b []byte, r *Record) ([]byte, error) {
+	if y := r.Time.Year(); y < 0 || y > 9999 {
+		_, err := r.Time.MarshalJSON()
+		return b, fmt.Errorf("json: error calling MarshalJSON for type time.Time: %w", err)
+	}
+	b = append(b, `{"time":"`...)
+	b = r.Time.AppendFormat(b, time.RFC3339Nano)
+	b = append(b, `","event":`...)
+	b = appendJSONString(b, r.Event)
+	b = append(b, `,"session_id":`...)
+	b = appendJSONString(b, r.SessionID)
+	b = append(b, `,"protocol":`...)
+	b = appendJSONString(b, r.Protocol)
+	b = append(b, `,"service":`...)
+	b = appendJSONString(b, r.Service)
+	b = append(b, `,"client":{"addr":`...)
+	b = appendJSONString(b, r.Client.Addr)
+	b = appendOptString(b, `,"identity":`, r.Client.Identity)
+	b = append(b, '}')
+	if wl := r.Workload; wl != nil {
+		b = append(b, `,"workload":{"namespace":`...)
+		b = appendJSONString(b, wl.Namespace)
+		b = append(b, `,"service_account":`...)
+		b = appendJSONString(b, wl.ServiceAccount)
+		b = append(b, `,"pod":`...)
+		b = appendJSONString(b, wl.Pod)
+		b = append(b, `,"pod_uid":`...)
+		b = appendJSONString(b, wl.PodUID)
+		b = append(b, `,"node":`...)
+		b = appendJSONString(b, wl.Node)
+		b = append(b, `,"attribution":`...)
+		b = appendJSONString(b, wl.Attribution)
+		b = append(b, '}')
+	}
+	b = appendOptString(b, `,"upstream":`, r.Upstream)
+	b = appendOptString(b, `,"database":`, r.Database)
+	b = appendOptString(b, `,"db_user":`, r.DBUser)
+	b = appendOptString(b, `,"credential":`, r.Credential)
+	if l := r.Lease; l != nil {
+		b = append(b, `,"lease":{"id_sha256":`...)
+		b = appendJSONString(b, l.IDSHA256)
+		b = append(b, `,"ttl_s":`...)
+		b = strconv.AppendInt(b, l.TTLSecs, 10)
+		b = append(b, '}')
+	}
+	b = appendOptBool(b, `,"backend_reused":`, r.BackendReused)
+	b = appendOptString(b, `,"replication":`, r.Replication)
+	b = appendOptString(b, `,"sql_encoding":`, r.SQLEncoding)
+	if r.SQLTruncated {
+		b = append(b, `,"sql_truncated":true`...)
+	}
+	b = appendOptString(b, `,"method":`, r.Method)
+	b = appendOptString(b, `,"host":`, r.Host)
+	b = appendOptString(b, `,"path":`, r.Path)
+	b = appendOptInt(b, `,"status":`, int64(r.Status))
+	b = appendOptBool(b, `,"injected":`, r.Injected)
+	b = appendOptString(b, `,"reason":`, r.Reason)
+	b = appendOptString(b, `,"from_lease_sha256":`, r.FromLeaseSHA256)
+	b = appendOptString(b, `,"to_lease_sha256":`, r.ToLeaseSHA256)
+	if c := r.Carried; c != nil {
+		b = append(b, `,"carried":{"settings":`...)
+		b = strconv.AppendInt(b, int64(c.Settings), 10)
+		b = append(b, `,"prepared":`...)
+		b = strconv.AppendInt(b, int64(c.Prepared), 10)
+		b = append(b, `,"listen":`...)
+		b = strconv.AppendInt(b, int64(c.Listen), 10)
+		b = append(b, '}')
+	}
+	b = appendOptInt(b, `,"backend_pid":`, r.BackendPID)
+	b = appendOptInt64Ptr(b, `,"bytes_in":`, r.BytesIn)
+	b = appendOptInt64Ptr(b, `,"bytes_out":`, r.BytesOut)
+	b = appendOptInt64Ptr(b, `,"duration_ms":`, r.DurationMS)
+	if r.Error != nil {
+		b = append(b, `,"error":`...)
+		b = appendJSONString(b, *r.Error)
+	}
+	b = appendOptString(b, `,"sqlstate":`, r.SQLState)
+	// The statement comes last, as it did when encoding/json wrote the
+	// rest of the record and the statement was appended to it.
+	b = appendOptString(b, `,"sql":`, r.SQL)
+	b = appendOptString(b, `,"sql_base64":`, r.SQLBase64)
+	return append(b, "}\n"...), nil
+}
+
+// appendOptString appends key and s unless s is empty (omitempty).
+func appendOptString(b []byte, key, s string) []byte {
+	if s == "" {
+		return b
+	}
+	return appendJSONString(append(b, key...), s)
+}
+
+func appendOptInt(b []byte, key string, v int64) []byte {
+	if v == 0 {
+		return b
+	}
+	return strconv.AppendInt(append(b, key...), v, 10)
+}
+
+func appendOptInt64Ptr(b []byte, key string, v *int64) []byte {
+	if v == nil {
+		return b
+	}
+	return strconv.AppendInt(append(b, key...), *v, 10)
+}
+
+func appendOptBool(b []byte, key string, v *bool) []byte {
+	if v == nil {
+		return b
+	}
+	return strconv.AppendBool(append(b, key...), *v)
+}
 
 // bound cuts r's text fields so that each encodes within its limit.
 func bound(r *Record) {
@@ -310,52 +466,61 @@ func runeJSONLen(s string) (encoded, size int) {
 	return size, size
 }
 
-// writeJSONString writes s as a JSON string, as encoding/json does without
-// HTML escaping (jsonLen is its length): invalid UTF-8 becomes \ufffd.
-func writeJSONString(b *bytes.Buffer, s string) {
+// appendJSONString appends s as a JSON string, as encoding/json writes it
+// without HTML escaping (jsonLen is its length): invalid UTF-8 becomes
+// \ufffd.
+func appendJSONString(b []byte, s string) []byte {
 	const hex = "0123456789abcdef"
-	b.WriteByte('"')
+	b = append(b, '"')
+	start := 0 // s[start:i] is still to be copied as it is
 	for i := 0; i < len(s); {
 		c := s[i]
 		if c < utf8.RuneSelf {
-			switch {
-			case c == '"' || c == '\\':
-				b.WriteByte('\\')
-				b.WriteByte(c)
-			case c == '\b':
-				b.WriteString(`\b`)
-			case c == '\f':
-				b.WriteString(`\f`)
-			case c == '\n':
-				b.WriteString(`\n`)
-			case c == '\r':
-				b.WriteString(`\r`)
-			case c == '\t':
-				b.WriteString(`\t`)
-			case c < 0x20:
-				b.WriteString(`\u00`)
-				b.WriteByte(hex[c>>4])
-				b.WriteByte(hex[c&0xf])
+			if c >= 0x20 && c != '"' && c != '\\' {
+				i++
+				continue
+			}
+			b = append(b, s[start:i]...)
+			switch c {
+			case '"', '\\':
+				b = append(b, '\\', c)
+			case '\b':
+				b = append(b, `\b`...)
+			case '\f':
+				b = append(b, `\f`...)
+			case '\n':
+				b = append(b, `\n`...)
+			case '\r':
+				b = append(b, `\r`...)
+			case '\t':
+				b = append(b, `\t`...)
 			default:
-				b.WriteByte(c)
+				b = append(b, '\\', 'u', '0', '0', hex[c>>4], hex[c&0xf])
 			}
 			i++
+			start = i
 			continue
 		}
 		r, size := utf8.DecodeRuneInString(s[i:])
+		var esc string
 		switch {
 		case r == utf8.RuneError && size == 1:
-			b.WriteString(`\ufffd`)
+			esc = `\ufffd`
 		case r == '\u2028':
-			b.WriteString(`\u2028`)
+			esc = `\u2028`
 		case r == '\u2029':
-			b.WriteString(`\u2029`)
+			esc = `\u2029`
 		default:
-			b.WriteString(s[i : i+size])
+			i += size
+			continue
 		}
+		b = append(b, s[start:i]...)
+		b = append(b, esc...)
 		i += size
+		start = i
 	}
-	b.WriteByte('"')
+	b = append(b, s[start:]...)
+	return append(b, '"')
 }
 
 func (w *Writer) fail(err error) {
@@ -364,10 +529,14 @@ func (w *Writer) fail(err error) {
 	}
 }
 
-// Close closes the file (not stdout). It is safe to call more than once.
+// Close closes the file (not stdout), after the write in flight, if any.
+// It is safe to call more than once.
 func (w *Writer) Close() error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	for w.writing {
+		w.cond.Wait()
+	}
 	if w.closer == nil {
 		return nil
 	}

@@ -288,8 +288,8 @@ func TestWriterConcurrent(t *testing.T) {
 	t.Run("writer", func(t *testing.T) {
 		uw := &unsyncWriter{}
 		run(t, NewWriter(uw))
-		if uw.writes != goroutines*perG {
-			t.Errorf("%d Write calls for %d records, want one per record", uw.writes, goroutines*perG)
+		if uw.writes < 1 || uw.writes > goroutines*perG {
+			t.Errorf("%d Write calls for %d records, want at most one per record", uw.writes, goroutines*perG)
 		}
 		check(t, uw.buf)
 	})
@@ -591,7 +591,7 @@ type blockingWriter struct {
 func (b *blockingWriter) Write(p []byte) (int, error) {
 	<-b.release
 	b.mu.Lock()
-	b.n++
+	b.n += bytes.Count(p, []byte("\n")) // lines: a Write may carry a batch
 	b.mu.Unlock()
 	return len(p), nil
 }
@@ -633,7 +633,8 @@ func TestRecordMemoryBounded(t *testing.T) {
 	w := NewWriter(io.Discard)
 	r := base(EventQuery)
 	r.SQL = strings.Repeat("<", 10<<20)
-	w.Record(r) // the buffer reaches its size once
+	w.Record(r) // the two buffers (batch written, batch gathered)
+	w.Record(r) // reach their size once
 	var before, after runtime.MemStats
 	runtime.GC()
 	runtime.ReadMemStats(&before)
@@ -642,11 +643,11 @@ func TestRecordMemoryBounded(t *testing.T) {
 	}
 	runtime.ReadMemStats(&after)
 	if perRecord := (after.TotalAlloc - before.TotalAlloc) / 4; perRecord > 64<<10 {
-		t.Errorf("%d bytes allocated per record, want the reused buffer only", perRecord)
+		t.Errorf("%d bytes allocated per record, want the reused buffers only", perRecord)
 	}
 }
 
-// writeJSONString must write exactly what encoding/json writes (without
+// appendJSONString must write exactly what encoding/json writes (without
 // HTML escaping), and jsonLen must count it.
 func FuzzWriteJSONString(f *testing.F) {
 	for _, s := range []string{"", "select 1", "<&>", "\"\\\b\f\n\r\t\x00\x1f\x7f", "caf\xe9", "\u2028\u2029é€😀", "\xff\xfe"} {
@@ -659,33 +660,12 @@ func FuzzWriteJSONString(f *testing.F) {
 		if err := enc.Encode(s); err != nil {
 			t.Fatal(err)
 		}
-		var got bytes.Buffer
-		writeJSONString(&got, s)
-		got.WriteByte('\n')
-		if got.String() != want.String() {
-			t.Errorf("writeJSONString(%q) = %s, encoding/json %s", s, got.String(), want.String())
+		got := append(appendJSONString(nil, s), '\n')
+		if string(got) != want.String() {
+			t.Errorf("appendJSONString(%q) = %s, encoding/json %s", s, got, want.String())
 		}
 		if n := jsonLen(s); n != want.Len()-1 {
 			t.Errorf("jsonLen(%q) = %d, encoded %d", s, n, want.Len()-1)
-		}
-	})
-}
-
-// BenchmarkWriterRecord: one statement record to a file, from several
-// goroutines at once, as sessions with audit.queries write them.
-func BenchmarkWriterRecord(b *testing.B) {
-	w, err := Open(filepath.Join(b.TempDir(), "audit.jsonl"), nil)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer w.Close()
-	b.ReportAllocs()
-	b.SetParallelism(4) // 4 × GOMAXPROCS goroutines
-	b.RunParallel(func(pb *testing.PB) {
-		for pb.Next() {
-			r := base(EventQuery)
-			r.SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
-			w.Record(r)
 		}
 	})
 }
