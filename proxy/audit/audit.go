@@ -215,11 +215,7 @@ func (w *Writer) Record(r *Record) {
 	w.waiting.Add(1)
 	w.mu.Lock()
 	for len(w.fill) >= maxBatchBytes {
-		if !w.writing {
-			w.flushLocked()
-		} else {
-			w.cond.Wait()
-		}
+		w.advanceLocked()
 	}
 	n := len(w.fill)
 	fill, err := appendRecord(w.fill, &rec)
@@ -234,13 +230,20 @@ func (w *Writer) Record(r *Record) {
 	w.fillN++
 	gen := w.fillGen
 	for w.flushed < gen {
-		if !w.writing {
-			w.flushLocked()
-		} else {
-			w.cond.Wait()
-		}
+		w.advanceLocked()
 	}
 	w.mu.Unlock()
+}
+
+// advanceLocked moves the batches on by one step, with w.mu held: it
+// writes the batch being gathered when no write is in flight, and
+// otherwise waits for the one in flight.
+func (w *Writer) advanceLocked() {
+	if w.writing {
+		w.cond.Wait()
+		return
+	}
+	w.flushLocked()
 }
 
 // flushLocked writes the batch being gathered, with w.mu held on entry
