@@ -153,17 +153,7 @@ func (n *Netns) open(pid int, podUID string) (*os.File, uint64, error) {
 // Listen binds a TCP listener on addr inside network namespace ns. The
 // socket is created on an OS thread switched into ns and stays in it.
 func (n *Netns) Listen(ns *os.File, addr string) (net.Listener, error) {
-	c, err := inNetns(ns, func() (io.Closer, error) {
-		ln, err := net.Listen("tcp", addr)
-		if err != nil {
-			return nil, err
-		}
-		return ln, nil
-	})
-	if err != nil {
-		return nil, err
-	}
-	return c.(net.Listener), nil
+	return inNetns(ns, func() (net.Listener, error) { return net.Listen("tcp", addr) })
 }
 
 // Dial connects to addr from inside network namespace ns with d (nil: a
@@ -172,26 +162,16 @@ func (n *Netns) Dial(ns *os.File, d *net.Dialer, network, addr string) (net.Conn
 	if d == nil {
 		d = &net.Dialer{Timeout: 5 * time.Second}
 	}
-	c, err := inNetns(ns, func() (io.Closer, error) {
-		conn, err := d.Dial(network, addr)
-		if err != nil {
-			return nil, err
-		}
-		return conn, nil
-	})
-	if err != nil {
-		return nil, err
-	}
-	return c.(net.Conn), nil
+	return inNetns(ns, func() (net.Conn, error) { return d.Dial(network, addr) })
 }
 
 // inNetns runs open on an OS thread switched into network namespace ns:
 // the socket it creates stays in ns. The thread switches back before it
 // is released, and is discarded if it cannot (what open made is then
 // closed).
-func inNetns(ns *os.File, open func() (io.Closer, error)) (io.Closer, error) {
+func inNetns[C io.Closer](ns *os.File, open func() (C, error)) (C, error) {
 	type result struct {
-		c   io.Closer
+		c   C
 		err error
 	}
 	ch := make(chan result, 1)
@@ -212,7 +192,7 @@ func inNetns(ns *os.File, open func() (io.Closer, error)) (io.Closer, error) {
 		c, oerr := open()
 		if err := unix.Setns(int(self.Fd()), unix.CLONE_NEWNET); err != nil {
 			// The thread stays locked and dies with this goroutine.
-			if c != nil {
+			if oerr == nil {
 				c.Close()
 			}
 			ch <- result{err: fmt.Errorf("leave the pod's network namespace: %w", err)}
