@@ -44,6 +44,14 @@ func migrationSetup(t *testing.T, role dbRole, auth func(v *testVault, db dbEngi
 	return pg, v, db, p
 }
 
+// rotatingRole's leases reach their max TTL every 12s or so: renewed at
+// 6s (to 15s), then capped at 20s by the renewal at 12s, which leaves 8s
+// to move the sessions, and each renewal 3s to get through. Shorter
+// TTLs make the tests faster but fail on a busy machine, where
+// PostgreSQL itself can stall for seconds (a descheduled lock holder
+// makes the others back off), and Vault's renewals and logins with it.
+var rotatingRole = dbRole{DefaultTTL: 9 * time.Second, MaxTTL: 20 * time.Second}
+
 // migrations are the session_migrated records so far.
 func migrations(t *testing.T, p *proxyHarness) []audit.Record {
 	t.Helper()
@@ -83,9 +91,9 @@ func waitUserChange(t *testing.T, ctx context.Context, conn *pgx.Conn, from stri
 func TestMigrationPgbenchPersistent(t *testing.T) {
 	skipShort(t)
 	t.Parallel()
-	pg, v, db, p := migrationSetup(t, dbRole{DefaultTTL: 4 * time.Second, MaxTTL: 9 * time.Second}, nil)
+	pg, v, db, p := migrationSetup(t, rotatingRole, nil)
 	host, port := "127.0.0.1", portOf(t, p.addr(t, "appdb"))
-	const seconds = 30 // more than three max TTLs
+	const seconds = 45 // three rotations, at about 12s, 24s and 36s
 	_, out, err := runClient(t, 3*time.Minute, "pgbench", "-n", "-T", strconv.Itoa(seconds), "-c", "4", "-j", "2",
 		"-h", host, "-p", port, "-U", "app_user", pgtest.AppDB)
 	if err != nil {
@@ -113,14 +121,14 @@ func TestMigrationPgbenchPersistent(t *testing.T) {
 	for _, m := range ms {
 		perSession[m.SessionID]++
 	}
-	t.Logf("pgbench -c 4 -T %d on 4s/9s leases: %d transactions, %d migrations %v, swap median ~%v",
+	t.Logf("pgbench -c 4 -T %d on 9s/20s leases: %d transactions, %d migrations %v, swap median ~%v",
 		seconds, processed, len(ms), perSession, medianMS(ms))
 	if len(perSession) != 4 {
 		t.Errorf("%d sessions migrated, want all 4", len(perSession))
 	}
 	for id, n := range perSession {
 		if n < 3 {
-			t.Errorf("session %s migrated %d times in %ds of 9s max TTLs, want at least 3", id, n, seconds)
+			t.Errorf("session %s migrated %d times in %ds of 20s max TTLs, want at least 3", id, n, seconds)
 		}
 	}
 	for _, r := range p.auditRecords(t) {
@@ -183,7 +191,7 @@ func medianMS(ms []audit.Record) time.Duration {
 func TestMigrationCarriesState(t *testing.T) {
 	skipShort(t)
 	t.Parallel()
-	pg, _, _, p := migrationSetup(t, dbRole{DefaultTTL: 4 * time.Second, MaxTTL: 9 * time.Second}, nil)
+	pg, _, _, p := migrationSetup(t, rotatingRole, nil)
 	ctx := testCtx(t, 2*time.Minute)
 	addr := p.addr(t, "appdb")
 	// pgx caches prepared statements; cancelling a context sends a
@@ -225,7 +233,7 @@ func TestMigrationCarriesState(t *testing.T) {
 		t.Fatalf("pgx cached statement: %d %v", cached, err)
 	}
 
-	newUser := waitUserChange(t, ctx, conn, user, 20*time.Second)
+	newUser := waitUserChange(t, ctx, conn, user, 40*time.Second)
 	t.Logf("moved from %s to %s", user, newUser)
 
 	check := func(q, want string) {
@@ -307,7 +315,7 @@ func TestMigrationCarriesState(t *testing.T) {
 func TestMigrationUnmovableAndInTransaction(t *testing.T) {
 	skipShort(t)
 	t.Parallel()
-	_, _, _, p := migrationSetup(t, dbRole{DefaultTTL: 4 * time.Second, MaxTTL: 9 * time.Second}, nil)
+	_, _, _, p := migrationSetup(t, rotatingRole, nil)
 	ctx := testCtx(t, 2*time.Minute)
 	addr := p.addr(t, "appdb")
 
@@ -332,7 +340,7 @@ func TestMigrationUnmovableAndInTransaction(t *testing.T) {
 	// The temp-table session: its next query finds the session ended with
 	// a FATAL naming the reason, sent while it was idle.
 	var tempErr error
-	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+	for deadline := time.Now().Add(40 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
 		if _, tempErr = temp.Exec(ctx, "SELECT count(*) FROM scratch"); tempErr != nil {
 			break
 		}
@@ -343,7 +351,7 @@ func TestMigrationUnmovableAndInTransaction(t *testing.T) {
 	}
 	// The open transaction: cut at the lease's end.
 	var txErr error
-	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+	for deadline := time.Now().Add(40 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
 		if _, txErr = tx.Exec(ctx, "SELECT 1"); txErr != nil {
 			break
 		}
@@ -351,7 +359,7 @@ func TestMigrationUnmovableAndInTransaction(t *testing.T) {
 	if !errors.As(txErr, &pgErr) || !strings.Contains(pgErr.Message, "lease expired") {
 		t.Errorf("session in a transaction: %v; want the lease-expired FATAL", clientErr(t, txErr))
 	}
-	if next := waitUserChange(t, ctx, plain, first, 20*time.Second); next == first {
+	if next := waitUserChange(t, ctx, plain, first, 40*time.Second); next == first {
 		t.Errorf("the plain session did not move")
 	}
 	got := map[string]float64{}
@@ -394,7 +402,7 @@ func TestMigrationLeaseRevokedOutOfBand(t *testing.T) {
 
 // TestMigrationAcrossTokenMaxTTL is issue 15: Vault revokes a token's
 // leases with the token, so a session must not outlive its credential's
-// token. With AppRole tokens of max TTL 8s and database leases of an hour,
+// token. With AppRole tokens of max TTL 20s and database leases of an hour,
 // a session open across two token lifetimes keeps working (no invalid role
 // OID), running under a new role after each, and pgbench with persistent
 // connections across them fails no transaction.
@@ -402,7 +410,7 @@ func TestMigrationAcrossTokenMaxTTL(t *testing.T) {
 	skipShort(t)
 	t.Parallel()
 	approle := func(v *testVault, db dbEngine) config.VaultAuth {
-		return v.approle(t, v.credproxyPolicy(t, db, ""), map[string]any{"token_ttl": "4s", "token_max_ttl": "8s"})
+		return v.approle(t, v.credproxyPolicy(t, db, ""), map[string]any{"token_ttl": "9s", "token_max_ttl": "20s"})
 	}
 	_, _, _, p := migrationSetup(t, dbRole{DefaultTTL: time.Minute, MaxTTL: time.Hour}, approle)
 	ctx := testCtx(t, 2*time.Minute)
@@ -415,14 +423,16 @@ func TestMigrationAcrossTokenMaxTTL(t *testing.T) {
 	go func() {
 		defer wg.Done()
 		host, port := "127.0.0.1", portOf(t, addr)
-		_, pgbenchOut, pgbenchErr = runClient(t, 2*time.Minute, "pgbench", "-n", "-T", "20", "-c", "4", "-j", "2",
+		_, pgbenchOut, pgbenchErr = runClient(t, 2*time.Minute, "pgbench", "-n", "-T", "32", "-c", "4", "-j", "2",
 			"-h", host, "-p", port, "-U", "app_user", pgtest.AppDB)
 	}()
 
 	conn := mustConnect(t, ctx, appDSN(addr))
 	defer conn.Close(context.Background())
 	users := map[string]bool{}
-	for end := time.Now().Add(20 * time.Second); time.Now().Before(end); time.Sleep(250 * time.Millisecond) {
+	// Tokens renewed at 6s reach their max TTL at the renewal at 12s: a
+	// new login, and the leases of the old token move, every 12s or so.
+	for end := time.Now().Add(32 * time.Second); time.Now().Before(end); time.Sleep(250 * time.Millisecond) {
 		var u string
 		var n int
 		if err := conn.QueryRow(ctx, "SELECT current_user, count(*) FROM pgbench_branches").Scan(&u, &n); err != nil {
@@ -431,9 +441,9 @@ func TestMigrationAcrossTokenMaxTTL(t *testing.T) {
 		users[u] = true
 	}
 	wg.Wait()
-	t.Logf("one session over 20s of 8s tokens ran as %d roles", len(users))
+	t.Logf("one session over 32s of tokens with a 20s max TTL ran as %d roles", len(users))
 	if len(users) < 3 {
-		t.Errorf("the session ran as %d roles over 20s of tokens with an 8s max TTL, want at least 3", len(users))
+		t.Errorf("the session ran as %d roles over 32s of tokens with a 20s max TTL, want at least 3", len(users))
 	}
 	if pgbenchErr != nil {
 		t.Errorf("pgbench: %v\n%s", pgbenchErr, pgbenchOut)
@@ -486,15 +496,13 @@ func TestMigrationTokenRevokedOutOfBand(t *testing.T) {
 }
 
 // TestMigrationHostileTiming drives one session with pipelines, COPY and
-// simple queries, back to back, while its credential rotates every few
-// seconds: every answer matches its question, in order, and every row
-// COPY sent arrives once. (Leases of 4s/9s, not less: Vault counts TTLs in
-// whole seconds, so the renewal that meets max_ttl can come as late as a
-// second before the end, and a busy machine needs some of that to log in.)
+// simple queries, back to back, while its credential rotates (every 12s
+// or so, rotatingRole): every answer matches its question, in order, and
+// every row COPY sent arrives once.
 func TestMigrationHostileTiming(t *testing.T) {
 	skipShort(t)
 	t.Parallel()
-	pg, _, _, p := migrationSetup(t, dbRole{DefaultTTL: 4 * time.Second, MaxTTL: 9 * time.Second}, nil)
+	pg, _, _, p := migrationSetup(t, rotatingRole, nil)
 	admin := superConn(t, testCtx(t, time.Minute), pg)
 	if _, err := admin.Exec(context.Background(), "CREATE TABLE hostile(n bigint); GRANT ALL ON hostile TO PUBLIC"); err != nil {
 		t.Fatal(err)
@@ -504,7 +512,7 @@ func TestMigrationHostileTiming(t *testing.T) {
 	defer conn.Close(context.Background())
 
 	next, copied := int64(0), int64(0)
-	for end := time.Now().Add(20 * time.Second); time.Now().Before(end); {
+	for end := time.Now().Add(32 * time.Second); time.Now().Before(end); {
 		// A pipeline of 20 queries, each echoing its number.
 		b := &pgx.Batch{}
 		base := next
@@ -548,6 +556,6 @@ func TestMigrationHostileTiming(t *testing.T) {
 	ms := migrations(t, p)
 	t.Logf("%d pipelined queries, %d COPY rows, %d migrations of the one session", next, copied, len(ms))
 	if len(ms) < 2 {
-		t.Errorf("%d migrations in 20s of 9s max TTLs; want at least 2", len(ms))
+		t.Errorf("%d migrations in 32s of 20s max TTLs; want at least 2", len(ms))
 	}
 }

@@ -538,7 +538,7 @@ func TestPoolRotatedLeaseNotHandedOut(t *testing.T) {
 	t.Parallel()
 	pg := startVaultPG(t, pgtest.Options{})
 	v := startVault(t)
-	db := v.setupDatabase(t, pg, &dbRole{DefaultTTL: 3 * time.Second, MaxTTL: 6 * time.Second})
+	db := v.setupDatabase(t, pg, &rotatingRole)
 	cfg := vaultProxyConfig(v, pg, tokenAuth(v.tokenFile(t, db)), config.VaultSecret{Path: db.CredsPath()})
 	pool := poolConfig(2)
 	cfg.Postgres[0].Pool = &pool
@@ -665,7 +665,7 @@ func TestPoolMigratedSessionReturnsItsNewBackend(t *testing.T) {
 	t.Parallel()
 	pg := startVaultPG(t, pgtest.Options{})
 	v := startVault(t)
-	db := v.setupDatabase(t, pg, &dbRole{DefaultTTL: 3 * time.Second, MaxTTL: 6 * time.Second})
+	db := v.setupDatabase(t, pg, &rotatingRole)
 	cfg := vaultProxyConfig(v, pg, tokenAuth(v.tokenFile(t, db)), config.VaultSecret{Path: db.CredsPath()})
 	pool := poolConfig(1)
 	cfg.Postgres[0].Pool = &pool

@@ -561,8 +561,11 @@ func vaultProxyConfig(v *testVault, pg *pgtest.Server, auth config.VaultAuth, se
 	}
 }
 
-// vaultRequestTimeout is vault.request_timeout in these tests.
-const vaultRequestTimeout = 2 * time.Second
+// vaultRequestTimeout is vault.request_timeout in these tests: the
+// default. A database credential read or renewal runs statements in
+// PostgreSQL, which on a busy machine can stall for seconds; a shorter
+// timeout turns such a stall into a failed rotation.
+const vaultRequestTimeout = 5 * time.Second
 
 func tokenAuth(file string) config.VaultAuth {
 	return config.VaultAuth{Method: "token", TokenFile: file}

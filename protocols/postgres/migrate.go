@@ -54,6 +54,11 @@ const (
 // queries (a prepared statement's text can be long).
 const maxMigrationMessage = 16 << 20
 
+// minMigrationRetry is the shortest wait before another attempt; closer
+// to the deadline than four times that, a migration gives up rather than
+// spin on logins that cannot finish in time.
+const minMigrationRetry = 50 * time.Millisecond
+
 // errUnmovable is state that cannot move to another backend.
 type errUnmovable struct{ why string }
 
@@ -65,7 +70,14 @@ func (r *relay) startMigration(deadline time.Time) {
 	// A replication connection speaks the replication protocol, not SQL:
 	// it cannot be replayed on another backend. It ends with its
 	// credential, as a direct one ends when its role is dropped.
-	if r.finished || r.migrating || r.s.replication != "" {
+	if r.finished || r.s.replication != "" {
+		r.mu.Unlock()
+		return
+	}
+	if r.migrating {
+		// The running migration may be about to land on the credential
+		// just retired: it starts another one when it ends.
+		r.again = deadline
 		r.mu.Unlock()
 		return
 	}
@@ -87,7 +99,12 @@ func (r *relay) migrate(deadline time.Time) {
 	defer func() {
 		r.mu.Lock()
 		r.migrating = false
+		again := r.again
+		r.again = time.Time{}
 		r.mu.Unlock()
+		if !again.IsZero() {
+			r.startMigration(again)
+		}
 	}()
 	// Start migrate_before the deadline at the latest (default: now), at a
 	// random point in the first third of what is left, so that a thousand
@@ -122,10 +139,16 @@ func (r *relay) migrate(deadline time.Time) {
 		}
 		s.h.obs.Migrated(s.h.cfg.Name, MigrationFailed, 0)
 		wait := min(backoff, time.Until(deadline)/4)
+		if wait < minMigrationRetry || ctx.Err() != nil {
+			// Too close to the deadline for another login: the
+			// credential's end ends the session.
+			log.Warn("session migration failed; no time left to retry", zap.Int("attempt", attempt), zap.Error(err))
+			return
+		}
 		log.Warn("session migration failed; will retry", zap.Int("attempt", attempt), zap.Error(err),
 			zap.Duration("retry_in", wait))
 		backoff = min(2*backoff, 10*time.Second)
-		if wait <= 0 || !r.sleepUntil(time.Now().Add(wait)) || ctx.Err() != nil {
+		if !r.sleepUntil(time.Now().Add(wait)) || ctx.Err() != nil {
 			return
 		}
 	}
@@ -190,6 +213,10 @@ func (r *relay) migrateOnce(ctx context.Context) error {
 	ccancel()
 	if err != nil {
 		handle.Release()
+		if ctx.Err() != nil {
+			// The deadline, not connect_timeout, cut the login short.
+			return fmt.Errorf("no new backend before the deadline: %w", ctx.Err())
+		}
 		return err
 	}
 	next := r.newBackend(up, handle, user.Reveal())

@@ -62,7 +62,10 @@ type relay struct {
 
 	finished  bool // the relay ended: no migration starts
 	migrating bool // a migration runs
-	retired   bool // the credential was retired: the session was to move
+	// again: the deadline of a retirement that came while a migration ran
+	// (the credential it moved to, retired at once); it starts the next.
+	again   time.Time
+	retired bool // the credential was retired: the session was to move
 	// detaching: the app ended where its backend may go back to the pool,
 	// and the backend's copy is asked to stop without closing it;
 	// detached: it did, at a clean point (pool.go).
@@ -476,38 +479,54 @@ func (r *relay) toClient() error {
 			r.tx = c.tx
 			r.mu.Unlock()
 		}
-		if n > 0 {
-			if err := r.write(data[:n]); err != nil {
-				return err
-			}
-			up.rd.consume(n)
-		}
-		if serr != nil {
-			return fmt.Errorf("backend sent an %w", serr)
-		}
-		if rerr != nil {
-			return r.backendEnded(up, rerr)
-		}
-		need = max(more, 1)
-
-		r.mu.Lock()
+		// A migration waiting for an idle point claims the session before
+		// the ReadyForQuery that makes it idle goes to the app: an app that
+		// answers at once (pgbench, a busy pool) would otherwise have its
+		// next query in flight by the time this copy looked, and would
+		// never move.
 		var h *hold
-		if r.hold != nil && !r.hold.isParked && r.idle() && up.scan.atBoundary() && len(up.rd.data()) == 0 {
-			h = r.hold
-			h.isParked = true
-			close(h.parked)
+		if serr == nil && rerr == nil && n == len(data) {
+			r.mu.Lock()
+			if r.hold != nil && !r.hold.isParked && r.idle() && up.scan.atBoundary() {
+				h = r.hold
+				h.isParked = true // the app's next message waits for the swap
+			}
+			r.mu.Unlock()
 		}
-		r.mu.Unlock()
+		var werr error
+		if n > 0 {
+			werr = r.write(data[:n])
+			up.rd.consume(n)
+			if hook := testHookToClientWrote; hook != nil {
+				hook()
+			}
+		}
 		if h != nil {
 			// The migration owns the backend now; afterwards it may be
 			// another one.
+			close(h.parked)
 			<-h.done
 			up = r.current()
 			_ = up.conn.SetReadDeadline(time.Time{})
+		}
+		switch {
+		case werr != nil:
+			return werr
+		case serr != nil:
+			return fmt.Errorf("backend sent an %w", serr)
+		case rerr != nil:
+			return r.backendEnded(up, rerr)
+		}
+		need = max(more, 1)
+		if h != nil {
 			need = 1
 		}
 	}
 }
+
+// testHookToClientWrote, set by tests, runs after the backend copy wrote
+// to the app: a copy preempted there, as on a busy machine.
+var testHookToClientWrote func()
 
 // isDetaching reports whether the backend's copy is to stop for the pool.
 func (r *relay) isDetaching() bool {

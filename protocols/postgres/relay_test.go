@@ -922,6 +922,42 @@ func TestLeaseEndMigratesIdleSession(t *testing.T) {
 	terminate(t, p, c)
 }
 
+// An app that sends its next query the moment a ReadyForQuery arrives
+// (pgbench, a busy pool) still moves: the migration claims the idle point
+// before the ReadyForQuery reaches the app. The hook holds the backend copy
+// back after each write, as a busy machine does, so the app's next query
+// is always in flight before that copy could look again.
+func TestLeaseEndMigratesBusySession(t *testing.T) {
+	up := startUpstream(t, func(u *upConn) {
+		if u.ready(true) {
+			u.serve(nil)
+		}
+	})
+	testHookToClientWrote = func() { time.Sleep(2 * time.Millisecond) }
+	t.Cleanup(func() { testHookToClientWrote = nil }) // after the proxy's cleanup, which waits for its sessions
+	src := &leasedSource{ttl: 3 * time.Second}
+	store := newStore(t, map[string]credentials.Source{"c": src}, credentials.Options{})
+	p := startProxy(t, testService(up.addr), withCredentials(store))
+	c := dialProxy(t, p.addr)
+	c.connect(map[string]string{"user": "appuser"})
+	deadline := time.Now().Add(10 * time.Second)
+	queries := 0
+	for len(p.audit.find(audit.EventSessionMigrated)) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("a session answering every ReadyForQuery at once did not move in 10s (%d queries)", queries)
+		}
+		c.send(&pgproto3.Query{String: "SELECT 1"})
+		if got := c.readUntilReady(); got != "CZ" {
+			t.Fatalf("query %d got %q", queries, got)
+		}
+		queries++
+	}
+	if rec := p.audit.find(audit.EventSessionMigrated)[0]; rec.DBUser != "v-app-2" {
+		t.Errorf("session_migrated = %+v", rec)
+	}
+	terminate(t, p, c)
+}
+
 // A session that stays inside a transaction cannot move: at the lease's
 // end it gets a FATAL, as before migration existed.
 func TestLeaseEndTerminatesSessionInTransaction(t *testing.T) {
