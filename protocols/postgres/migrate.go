@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/credproxy/credproxy/proxy/audit"
+	"github.com/credproxy/credproxy/proxy/credentials"
 )
 
 // Migration moves a session to a fresh credential without the app
@@ -300,6 +301,9 @@ func (r *relay) migrateOnce(ctx context.Context) error {
 	old.conn.Close()
 	fromLease, toLease := old.handle.Lease().IDHash(), handle.Lease().IDHash()
 	old.handle.Release()
+	if hook := testHookMigrated; hook != nil {
+		hook(handle)
+	}
 	r.watch(next)
 
 	rec := s.record(audit.EventSessionMigrated)
@@ -318,6 +322,10 @@ func (r *relay) migrateOnce(ctx context.Context) error {
 		zap.Duration("swap", took))
 	return nil
 }
+
+// testHookMigrated, set by tests, runs after a swap, before the session
+// watches its new credential.
+var testHookMigrated func(*credentials.Handle)
 
 func derefKey(k *pgproto3.BackendKeyData) pgproto3.BackendKeyData {
 	if k == nil {

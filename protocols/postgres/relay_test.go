@@ -958,6 +958,41 @@ func TestLeaseEndMigratesBusySession(t *testing.T) {
 	terminate(t, p, c)
 }
 
+// The credential a session moved to is retired before the session
+// watches it (OnRetire then calls at once, while the migration is still
+// running): the session moves again rather than wait for the end.
+func TestLeaseRetiredDuringMigrationMovesAgain(t *testing.T) {
+	up := startUpstream(t, func(u *upConn) {
+		if u.ready(true) {
+			u.serve(nil)
+		}
+	})
+	var once sync.Once
+	testHookMigrated = func(h *credentials.Handle) { once.Do(h.Invalidate) }
+	t.Cleanup(func() { testHookMigrated = nil })
+	src := &leasedSource{ttl: 3 * time.Second}
+	store := newStore(t, map[string]credentials.Source{"c": src}, credentials.Options{})
+	p := startProxy(t, testService(up.addr), withCredentials(store))
+	c := dialProxy(t, p.addr)
+	c.connect(map[string]string{"user": "appuser"})
+	deadline := time.Now().Add(10 * time.Second)
+	for len(p.audit.find(audit.EventSessionMigrated)) < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("migrations: %+v; want a second one, off the credential retired during the first", p.audit.find(audit.EventSessionMigrated))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	ms := p.audit.find(audit.EventSessionMigrated)
+	if ms[0].DBUser != "v-app-2" || ms[1].DBUser != "v-app-3" {
+		t.Errorf("migrated to %s, then %s; want v-app-2, then v-app-3", ms[0].DBUser, ms[1].DBUser)
+	}
+	c.send(&pgproto3.Query{String: "SELECT 1"})
+	if got := c.readUntilReady(); got != "CZ" {
+		t.Errorf("after the migrations a query got %q", got)
+	}
+	terminate(t, p, c)
+}
+
 // A session that stays inside a transaction cannot move: at the lease's
 // end it gets a FATAL, as before migration existed.
 func TestLeaseEndTerminatesSessionInTransaction(t *testing.T) {
