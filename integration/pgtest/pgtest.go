@@ -158,6 +158,17 @@ func FreePort(t testing.TB) int {
 	return ln.Addr().(*net.TCPAddr).Port
 }
 
+// makeDataDir makes the directory a cluster lives in: under /dev/shm when
+// there is one. On disk, a busy machine's writeback (other tests'
+// clusters, the Go build cache) stalls WAL writes, and with them commits
+// and logins, for seconds at a time; nothing here outlives the test.
+func makeDataDir() (string, error) {
+	if dir, err := os.MkdirTemp("/dev/shm", "pgtest-"); err == nil {
+		return dir, nil
+	}
+	return os.MkdirTemp("", "pgtest-")
+}
+
 // Start initializes and starts a server, creates the roles and AppDB, and
 // registers a Cleanup that stops the server and removes its files. It must
 // be called from the test's goroutine.
@@ -170,7 +181,7 @@ func Start(t testing.TB, opts Options) *Server {
 	}
 	// Not t.TempDir: its parents are 0700 and ours, which the postgres user
 	// could not traverse when we are root.
-	dir, err := os.MkdirTemp("", "pgtest-")
+	dir, err := makeDataDir()
 	if err != nil {
 		t.Fatalf("pgtest: %v", err)
 	}
