@@ -21,6 +21,7 @@ type leasingSource struct {
 	revoked map[string]bool
 	renews  int
 	down    bool
+	hang    bool   // Fetch waits for its context to end, as a Vault that does not answer
 	owner   *Owner // given to new leases
 }
 
@@ -33,6 +34,11 @@ func newLeasingSource(ttl, maxTTL time.Duration) *leasingSource {
 
 func (l *leasingSource) Fetch(ctx context.Context) (*Credential, error) {
 	l.mu.Lock()
+	if l.hang {
+		l.mu.Unlock()
+		<-ctx.Done()
+		return nil, &Error{Kind: KindUnreachable, Msg: "vault unreachable", Err: ctx.Err()}
+	}
 	defer l.mu.Unlock()
 	if l.down {
 		return nil, errUnreachable
@@ -229,6 +235,42 @@ func TestServesValidCacheWhileSourceDown(t *testing.T) {
 		// Past the end of its validity it is no longer served.
 		time.Sleep(time.Second)
 		if h3, err := s.Acquire(context.Background(), "db"); err == nil {
+			h3.Release()
+			t.Error("Acquire served a credential within its expiry margin")
+		}
+	})
+}
+
+// A source that hangs rather than fails (packets dropped, a stalled Vault)
+// must not cost a new session the valid credential in the cache: when the
+// session can wait no longer, it gets that one.
+func TestServesValidCacheWhenFetchOutlastsCaller(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		src := newLeasingSource(4*time.Second, time.Hour)
+		s := leaseStore(t, src)
+		h := acquire(t, s, "db")
+		h.Release()
+		src.mu.Lock()
+		src.hang = true
+		src.mu.Unlock()
+		time.Sleep(2800 * time.Millisecond) // stale: the store wants a new one
+		for range 2 { // the first caller starts the fetch, the second finds it running
+			ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+			h2, err := s.Acquire(ctx, "db")
+			cancel()
+			if err != nil {
+				t.Fatalf("Acquire with a valid cache while the source hangs: %v", err)
+			}
+			if h2.Credential != h.Credential {
+				t.Error("got a different credential although the source hangs")
+			}
+			h2.Release()
+		}
+		// Expired: the caller's deadline ends the wait with an error.
+		time.Sleep(time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+		defer cancel()
+		if h3, err := s.Acquire(ctx, "db"); err == nil {
 			h3.Release()
 			t.Error("Acquire served a credential within its expiry margin")
 		}

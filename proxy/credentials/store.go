@@ -320,7 +320,7 @@ func (s *Store) Acquire(ctx context.Context, name string) (*Handle, error) {
 				fetched = true
 				continue
 			case <-ctx.Done():
-				return nil, &UnavailableError{Name: name, Err: ctx.Err()}
+				return s.fallback(e, name, ctx.Err())
 			}
 		}
 		if fetched && e.lastErr == nil {
@@ -343,9 +343,21 @@ func (s *Store) Acquire(ctx context.Context, name string) (*Handle, error) {
 		case <-wait:
 			fetched = true
 		case <-ctx.Done():
-			return nil, &UnavailableError{Name: name, Err: ctx.Err()}
+			return s.fallback(e, name, ctx.Err())
 		}
 	}
+}
+
+// fallback serves a credential past its freshness but still valid to a
+// caller that can wait no longer for a fetch (a source that hangs rather
+// than fails): as when the fetch fails, not an error while one works.
+func (s *Store) fallback(e *entry, name string, err error) (*Handle, error) {
+	e.mu.Lock()
+	if h := e.current; h != nil && s.valid(h, time.Now()) {
+		return s.attach(e, h), nil
+	}
+	e.mu.Unlock()
+	return nil, &UnavailableError{Name: name, Err: err}
 }
 
 // attach adds a session to h and unlocks e.
