@@ -254,7 +254,8 @@ func TestServesValidCacheWhenFetchOutlastsCaller(t *testing.T) {
 		src.hang = true
 		src.mu.Unlock()
 		time.Sleep(2800 * time.Millisecond) // stale: the store wants a new one
-		for range 2 { // the first caller starts the fetch, the second finds it running
+		// The first caller starts the fetch, the second finds it running.
+		for range 2 {
 			ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 			h2, err := s.Acquire(ctx, "db")
 			cancel()
