@@ -327,11 +327,20 @@ func TestVaultShutdownRevokesLeases(t *testing.T) {
 	t.Parallel()
 	pg := startVaultPG(t, pgtest.Options{})
 	v := startVault(t)
-	// Lease one is renewed at 10s (its session is open) only up to its
-	// max_ttl, so new sessions then get lease two.
-	const ttl = 15 * time.Second
+	// Lease one is renewed at 20s (its sessions are open) only up to its
+	// max_ttl, so new sessions then get lease two. Its sessions stay on it
+	// until migrate_before its end, so Close meets both leases in use. On a
+	// loaded machine the renewal can land seconds late: the test looks for
+	// lease two until 5s before lease one ends, a second before the first
+	// migration may start.
+	const (
+		ttl           = 30 * time.Second
+		migrateBefore = 4 * time.Second
+	)
 	db := v.setupDatabase(t, pg, &dbRole{DefaultTTL: ttl, MaxTTL: ttl})
-	p := startProxy(t, vaultProxyConfig(v, pg, tokenAuth(v.tokenFile(t, db)), config.VaultSecret{Path: db.CredsPath()}))
+	cfg := vaultProxyConfig(v, pg, tokenAuth(v.tokenFile(t, db)), config.VaultSecret{Path: db.CredsPath()})
+	cfg.Postgres[0].Rotation.MigrateBefore = config.Duration(migrateBefore)
+	p := startProxy(t, cfg)
 	started := time.Now()
 	ctx := testCtx(t, time.Minute)
 	addr := p.addr(t, "appdb")
@@ -343,7 +352,7 @@ func TestVaultShutdownRevokesLeases(t *testing.T) {
 	first := mustQueryString(t, ctx, open[0], "SELECT current_user")
 	time.Sleep(time.Until(started.Add(ttl*2/3 + 500*time.Millisecond)))
 	var second string
-	for deadline := started.Add(ttl - 3*time.Second); ; {
+	for deadline := started.Add(ttl - migrateBefore - time.Second); ; {
 		c := mustConnect(t, ctx, appDSN(addr))
 		u := mustQueryString(t, ctx, c, "SELECT current_user")
 		if u != first {
@@ -398,14 +407,17 @@ func TestVaultColdCacheOneRead(t *testing.T) {
 	time.Sleep(1500 * time.Millisecond)
 
 	ctx := testCtx(t, 3*time.Minute)
-	addr := p.addr(t, "appdb")
+	// 500 upstream logins at once take their time on a loaded 2-core box
+	// (each is a PostgreSQL fork): the clients wait as long as credproxy
+	// does for its upstream, so a slow machine shows as slow, not failed.
+	dsn := strings.Replace(appDSN(p.addr(t, "appdb")), "connect_timeout=15", "connect_timeout=60", 1)
 	gate := make(chan struct{})
 	results := make([]sessionResult, sessions)
 	var wg sync.WaitGroup
 	for i := range sessions {
 		wg.Go(func() {
 			<-gate
-			results[i] = trySession(t, ctx, addr)
+			results[i] = trySessionDSN(t, ctx, dsn)
 		})
 	}
 	began := time.Now()

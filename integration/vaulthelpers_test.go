@@ -668,8 +668,13 @@ type sessionResult struct {
 // disconnects. Errors are recorded with the no-leak collector. Safe to call
 // from any goroutine.
 func trySession(t *testing.T, ctx context.Context, addr string) sessionResult {
+	return trySessionDSN(t, ctx, appDSN(addr))
+}
+
+// trySessionDSN is trySession with the client's own connection string.
+func trySessionDSN(t *testing.T, ctx context.Context, dsn string) sessionResult {
 	start := time.Now()
-	cfg, err := pgx.ParseConfig(appDSN(addr))
+	cfg, err := pgx.ParseConfig(dsn)
 	if err != nil {
 		return sessionResult{Err: err}
 	}
