@@ -91,9 +91,14 @@ func waitUserChange(t *testing.T, ctx context.Context, conn *pgx.Conn, from stri
 func TestMigrationPgbenchPersistent(t *testing.T) {
 	skipShort(t)
 	t.Parallel()
-	pg, v, db, p := migrationSetup(t, rotatingRole, nil)
+	// Leases longer than rotatingRole's: the first renewal, at 10s, is capped
+	// at the 24s max TTL, which leaves 13.5s to move four busy sessions. With
+	// 9.5s, a loaded machine (-race, -count=3, a busy loop) once took 4-6s per
+	// login and left a session in a transaction at the deadline.
+	role := dbRole{DefaultTTL: 15 * time.Second, MaxTTL: 24 * time.Second}
+	pg, v, db, p := migrationSetup(t, role, nil)
 	host, port := "127.0.0.1", portOf(t, p.addr(t, "appdb"))
-	const seconds = 40 // rotations at about 8s, 16s, 24s and 32s
+	const seconds = 45 // rotations at about 10s, 20s, 30s and 40s
 	_, out, err := runClient(t, 3*time.Minute, "pgbench", "-n", "-T", strconv.Itoa(seconds), "-c", "4", "-j", "2",
 		"-h", host, "-p", port, "-U", "app_user", pgtest.AppDB)
 	if err != nil {
@@ -121,14 +126,14 @@ func TestMigrationPgbenchPersistent(t *testing.T) {
 	for _, m := range ms {
 		perSession[m.SessionID]++
 	}
-	t.Logf("pgbench -c 4 -T %d on 12s/18s leases: %d transactions, %d migrations %v, swap median ~%v",
+	t.Logf("pgbench -c 4 -T %d on 15s/24s leases: %d transactions, %d migrations %v, swap median ~%v",
 		seconds, processed, len(ms), perSession, medianMS(ms))
 	if len(perSession) != 4 {
 		t.Errorf("%d sessions migrated, want all 4", len(perSession))
 	}
 	for id, n := range perSession {
 		if n < 3 {
-			t.Errorf("session %s migrated %d times in %ds of leases rotated every 8s, want at least 3", id, n, seconds)
+			t.Errorf("session %s migrated %d times in %ds of leases rotated every 10s, want at least 3", id, n, seconds)
 		}
 	}
 	for _, r := range p.auditRecords(t) {

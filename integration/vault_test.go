@@ -254,7 +254,10 @@ func TestVaultUnavailable(t *testing.T) {
 	if ok, why := v.canStop(); !ok {
 		t.Skip(why)
 	}
-	const ttl = 20 * time.Second // fresh for 13.3s, valid until 1s before expiry
+	// Fresh for 20s, valid until 1s before expiry: the stale-but-valid session
+	// at 22.5s has 6.5s for its failed fetch (request_timeout, 2s) and a
+	// loaded machine's delays around it.
+	const ttl = 30 * time.Second
 	db := v.setupDatabase(t, pg, &dbRole{DefaultTTL: ttl, MaxTTL: ttl})
 	cfg := vaultProxyConfig(v, pg, tokenAuth(v.tokenFile(t, db)), config.VaultSecret{Path: db.CredsPath()})
 	// Short, so that each session below waits for the failed fetch (not

@@ -202,7 +202,10 @@ func TestHandshakeTimeoutClassifiedOnce(t *testing.T) {
 			m := proxy.NewMetrics()
 			svc := testService(silentUpstream(t))
 			svc.TLS = config.PostgresTLS{Mode: mode}
-			svc.ConnectTimeout = config.Duration(30 * time.Millisecond)
+			// Long enough that a loopback dial completes on a loaded machine (a
+			// dial past it is "upstream unreachable", another kind), short
+			// enough to keep the test quick.
+			svc.ConnectTimeout = config.Duration(500 * time.Millisecond)
 			p := startProxy(t, svc, withMetrics(m))
 			var wg sync.WaitGroup
 			msgs := make(chan string, runs)
