@@ -684,6 +684,10 @@ func TestPoolMigratedSessionReturnsItsNewBackend(t *testing.T) {
 	}
 	closeConn(t, conn)
 	waitBackendGone(t, ctx, super, oldPID)
+	// The app's close returns before the backend is reset and back in the
+	// pool; a session started sooner finds the pool busy (the flake under
+	// load: it got a fresh backend).
+	waitPooled(t, p, 1)
 
 	next := simpleConn(t, ctx, addr)
 	var gotUser, gotPID string

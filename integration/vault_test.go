@@ -330,14 +330,15 @@ func TestVaultShutdownRevokesLeases(t *testing.T) {
 	t.Parallel()
 	pg := startVaultPG(t, pgtest.Options{})
 	v := startVault(t)
-	// Lease one is renewed at 20s (its sessions are open) only up to its
+	// Lease one is renewed at 26.7s (its sessions are open) only up to its
 	// max_ttl, so new sessions then get lease two. Its sessions stay on it
 	// until migrate_before its end, so Close meets both leases in use. On a
-	// loaded machine the renewal can land seconds late: the test looks for
-	// lease two until 5s before lease one ends, a second before the first
+	// loaded machine the renewal and the read of lease two can each take
+	// seconds (4.5s late seen with 30s leases): the test looks for lease
+	// two until 5s before lease one ends, a second before the first
 	// migration may start.
 	const (
-		ttl           = 30 * time.Second
+		ttl           = 40 * time.Second
 		migrateBefore = 4 * time.Second
 	)
 	db := v.setupDatabase(t, pg, &dbRole{DefaultTTL: ttl, MaxTTL: ttl})
