@@ -320,7 +320,8 @@ func (s *Store) Acquire(ctx context.Context, name string) (*Handle, error) {
 				fetched = true
 				continue
 			case <-ctx.Done():
-				return s.fallback(e, name, ctx.Err())
+				e.mu.Lock()
+				return s.validOr(e, name, ctx.Err())
 			}
 		}
 		if fetched && e.lastErr == nil {
@@ -330,12 +331,7 @@ func (s *Store) Acquire(ctx context.Context, name string) (*Handle, error) {
 		if now.Before(e.retryAt) {
 			// The source failed recently: serve what is still valid, or
 			// fail at once rather than make every session wait.
-			if h := e.current; h != nil && s.valid(h, now) {
-				return s.attach(e, h), nil
-			}
-			err := e.lastErr
-			e.mu.Unlock()
-			return nil, &UnavailableError{Name: name, Err: err}
+			return s.validOr(e, name, e.lastErr)
 		}
 		wait := s.startFetch(e)
 		e.mu.Unlock()
@@ -343,16 +339,17 @@ func (s *Store) Acquire(ctx context.Context, name string) (*Handle, error) {
 		case <-wait:
 			fetched = true
 		case <-ctx.Done():
-			return s.fallback(e, name, ctx.Err())
+			e.mu.Lock()
+			return s.validOr(e, name, ctx.Err())
 		}
 	}
 }
 
-// fallback serves a credential past its freshness but still valid to a
-// caller that can wait no longer for a fetch (a source that hangs rather
-// than fails): as when the fetch fails, not an error while one works.
-func (s *Store) fallback(e *entry, name string, err error) (*Handle, error) {
-	e.mu.Lock()
+// validOr serves the cached credential while it is still valid (past its
+// freshness, no matter), or fails with err. It is what a caller gets when
+// the source failed recently, or when it can wait no longer for a fetch (a
+// source that hangs rather than fails). Called with e.mu held; unlocks it.
+func (s *Store) validOr(e *entry, name string, err error) (*Handle, error) {
 	if h := e.current; h != nil && s.valid(h, time.Now()) {
 		return s.attach(e, h), nil
 	}
