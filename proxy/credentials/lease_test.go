@@ -21,7 +21,7 @@ type leasingSource struct {
 	revoked map[string]bool
 	renews  int
 	down    bool
-	hang    bool   // Fetch waits for its context to end, as a Vault that does not answer
+	hang    bool   // Fetch and Renew wait for their context to end, as a Vault that does not answer
 	owner   *Owner // given to new leases
 }
 
@@ -53,6 +53,11 @@ func (l *leasingSource) Fetch(ctx context.Context) (*Credential, error) {
 
 func (l *leasingSource) Renew(ctx context.Context, lease Lease, inc time.Duration) (Lease, error) {
 	l.mu.Lock()
+	if l.hang {
+		l.mu.Unlock()
+		<-ctx.Done()
+		return lease, &Error{Kind: KindUnreachable, Msg: "vault unreachable", Err: ctx.Err()}
+	}
 	defer l.mu.Unlock()
 	if l.down {
 		return lease, errUnreachable
