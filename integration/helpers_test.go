@@ -203,6 +203,35 @@ func (p *proxyHarness) waitAudit(t *testing.T, what string, match func(audit.Rec
 	}
 }
 
+// endedAuditRecords waits up to limit for every session in the audit log
+// to have its session_end, then returns the log. A client such as pgbench
+// exits without waiting for the proxy to finish: a migration under way,
+// or the session_start written after the app already has ReadyForQuery,
+// is recorded a moment later.
+func (p *proxyHarness) endedAuditRecords(t *testing.T, limit time.Duration) []audit.Record {
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	for {
+		recs := p.auditRecords(t)
+		open := map[string]bool{}
+		for _, r := range recs {
+			switch r.Event {
+			case audit.EventSessionStart:
+				open[r.SessionID] = true
+			case audit.EventSessionEnd:
+				delete(open, r.SessionID)
+			}
+		}
+		if len(open) == 0 {
+			return recs
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d sessions have no session_end after %v", len(open), limit)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 func auditDump(recs []audit.Record) string {
 	var b strings.Builder
 	for _, r := range recs[max(0, len(recs)-20):] {

@@ -121,6 +121,9 @@ func TestMigrationPgbenchPersistent(t *testing.T) {
 			break
 		}
 	}
+	// pgbench may exit while a migration it had to wait for is still
+	// being recorded.
+	p.endedAuditRecords(t, 30*time.Second)
 	ms := migrations(t, p)
 	perSession := map[string]int{}
 	for _, m := range ms {

@@ -154,18 +154,20 @@ func TestVaultRenewalAndRotation(t *testing.T) {
 	fetches := metric(t, p, "credproxy_credential_fetch_seconds_count", map[string]string{"credential": "app-dynamic"})
 	users := map[string]int{}
 	var denied, endErrors []string
-	var starts, expiredLease int
+	var starts, expiredLease, negative int
 	var example *audit.Lease
-	for _, r := range p.auditRecords(t) {
+	for _, r := range p.endedAuditRecords(t, 30*time.Second) {
 		switch r.Event {
 		case audit.EventSessionStart:
 			starts++
 			users[r.DBUser]++
-			// Every session starts on a live lease: its ttl_s is what is
-			// left of it, renewals included.
+			// ttl_s is what is left of the lease, renewals included.
 			if r.Lease == nil || r.Lease.TTLSecs <= 0 {
 				expiredLease++
 				example = r.Lease
+			}
+			if r.Lease == nil || r.Lease.TTLSecs < 0 {
+				negative++
 			}
 		case audit.EventDenied:
 			denied = append(denied, r.Reason+": "+deref(r.Error))
@@ -183,8 +185,16 @@ func TestVaultRenewalAndRotation(t *testing.T) {
 	if rotations == 0 || len(users) < 2 {
 		t.Errorf("rotations = %v, distinct db_user in session_start = %d: want a rotation within a 30s max_ttl over 60s", rotations, len(users))
 	}
-	if expiredLease > 0 {
+	// Were renewals ignored, most sessions of a lease used past its first
+	// 10s (here up to 30s) would show ttl_s <= 0. A few may show 0 on a
+	// loaded machine: a lease in use is handed out up to 5/6 of its TTL
+	// while its renewal is in flight, a late renewal and a slow login can
+	// leave under a second of it at session_start, and ttl_s is whole
+	// seconds. None starts on a lease already past its expiry (ttl_s < 0).
+	if expiredLease*50 > starts || negative > 0 {
 		t.Errorf("%d of %d session_start records show no live lease (ttl_s <= 0), e.g. %+v: the audit's lease ttl_s ignores renewals", expiredLease, starts, example)
+	} else if expiredLease > 0 {
+		t.Logf("%d of %d session_start records with under a second of lease left (ttl_s 0)", expiredLease, starts)
 	}
 	if len(denied) > 0 {
 		t.Errorf("%d sessions denied, e.g. %q", len(denied), denied[0])
