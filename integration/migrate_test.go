@@ -91,14 +91,19 @@ func waitUserChange(t *testing.T, ctx context.Context, conn *pgx.Conn, from stri
 func TestMigrationPgbenchPersistent(t *testing.T) {
 	skipShort(t)
 	t.Parallel()
-	// Leases longer than rotatingRole's: the first renewal, at 10s, is capped
-	// at the 24s max TTL, which leaves 13.5s to move four busy sessions. With
-	// 9.5s, a loaded machine (-race, -count=3, a busy loop) once took 4-6s per
-	// login and left a session in a transaction at the deadline.
-	role := dbRole{DefaultTTL: 15 * time.Second, MaxTTL: 24 * time.Second}
+	// Leases longer than rotatingRole's: the first renewal, at 14.7s, is
+	// capped at the 34s max TTL (Vault truncates times to the second, so a
+	// max TTL at least a second under 5/3 of the TTL caps it, and leases
+	// rotate every 15s). That leaves about 18s to move four busy sessions,
+	// enough for a Vault read that times out and the retry after it. Loaded
+	// machines took all of shorter windows: with 9.5s, logins of 4-6s each
+	// (-race, -count=3, a busy loop); with 13.5s, make test's packages in
+	// parallel, where a creds read timed out after 7.8s and the next one
+	// came 13s after the retirement.
+	role := dbRole{DefaultTTL: 22 * time.Second, MaxTTL: 34 * time.Second}
 	pg, v, db, p := migrationSetup(t, role, nil)
 	host, port := "127.0.0.1", portOf(t, p.addr(t, "appdb"))
-	const seconds = 45 // rotations at about 10s, 20s, 30s and 40s
+	const seconds = 60 // rotations at about 15s, 30s and 45s
 	_, out, err := runClient(t, 3*time.Minute, "pgbench", "-n", "-T", strconv.Itoa(seconds), "-c", "4", "-j", "2",
 		"-h", host, "-p", port, "-U", "app_user", pgtest.AppDB)
 	if err != nil {
@@ -129,14 +134,14 @@ func TestMigrationPgbenchPersistent(t *testing.T) {
 	for _, m := range ms {
 		perSession[m.SessionID]++
 	}
-	t.Logf("pgbench -c 4 -T %d on 15s/24s leases: %d transactions, %d migrations %v, swap median ~%v",
+	t.Logf("pgbench -c 4 -T %d on 22s/34s leases: %d transactions, %d migrations %v, swap median ~%v",
 		seconds, processed, len(ms), perSession, medianMS(ms))
 	if len(perSession) != 4 {
 		t.Errorf("%d sessions migrated, want all 4", len(perSession))
 	}
 	for id, n := range perSession {
 		if n < 3 {
-			t.Errorf("session %s migrated %d times in %ds of leases rotated every 10s, want at least 3", id, n, seconds)
+			t.Errorf("session %s migrated %d times in %ds of leases rotated every 15s, want at least 3", id, n, seconds)
 		}
 	}
 	for _, r := range p.auditRecords(t) {
