@@ -210,9 +210,9 @@ func (p *proxyHarness) waitAudit(t *testing.T, what string, match func(audit.Rec
 // is recorded a moment later.
 func (p *proxyHarness) endedAuditRecords(t *testing.T, limit time.Duration) []audit.Record {
 	t.Helper()
-	deadline := time.Now().Add(limit)
-	for {
-		recs := p.auditRecords(t)
+	var recs []audit.Record
+	opsWaitFor(t, limit, "a session_end for every session_start", func() error {
+		recs = p.auditRecords(t)
 		open := map[string]bool{}
 		for _, r := range recs {
 			switch r.Event {
@@ -222,14 +222,12 @@ func (p *proxyHarness) endedAuditRecords(t *testing.T, limit time.Duration) []au
 				delete(open, r.SessionID)
 			}
 		}
-		if len(open) == 0 {
-			return recs
+		if len(open) > 0 {
+			return fmt.Errorf("%d sessions have none", len(open))
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d sessions have no session_end after %v", len(open), limit)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+		return nil
+	})
+	return recs
 }
 
 func auditDump(recs []audit.Record) string {

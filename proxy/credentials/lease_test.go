@@ -32,13 +32,24 @@ func newLeasingSource(ttl, maxTTL time.Duration) *leasingSource {
 	return &leasingSource{ttl: ttl, maxTTL: maxTTL, issued: map[string]time.Time{}, revoked: map[string]bool{}}
 }
 
-func (l *leasingSource) Fetch(ctx context.Context) (*Credential, error) {
+// hung, when the source hangs, waits for ctx to end and returns the error
+// a Vault that does not answer gives; otherwise nil at once.
+func (l *leasingSource) hung(ctx context.Context) error {
 	l.mu.Lock()
-	if l.hang {
-		l.mu.Unlock()
-		<-ctx.Done()
-		return nil, &Error{Kind: KindUnreachable, Msg: "vault unreachable", Err: ctx.Err()}
+	hang := l.hang
+	l.mu.Unlock()
+	if !hang {
+		return nil
 	}
+	<-ctx.Done()
+	return &Error{Kind: KindUnreachable, Msg: "vault unreachable", Err: ctx.Err()}
+}
+
+func (l *leasingSource) Fetch(ctx context.Context) (*Credential, error) {
+	if err := l.hung(ctx); err != nil {
+		return nil, err
+	}
+	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.down {
 		return nil, errUnreachable
@@ -52,12 +63,10 @@ func (l *leasingSource) Fetch(ctx context.Context) (*Credential, error) {
 }
 
 func (l *leasingSource) Renew(ctx context.Context, lease Lease, inc time.Duration) (Lease, error) {
-	l.mu.Lock()
-	if l.hang {
-		l.mu.Unlock()
-		<-ctx.Done()
-		return lease, &Error{Kind: KindUnreachable, Msg: "vault unreachable", Err: ctx.Err()}
+	if err := l.hung(ctx); err != nil {
+		return lease, err
 	}
+	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.down {
 		return lease, errUnreachable
